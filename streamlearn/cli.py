@@ -1,0 +1,285 @@
+"""The ``streamlearn`` command line.
+
+Commands parse options and call library functions; every ``StreamlearnError``
+becomes one line on stderr and exit code 1 (2 for usage errors). Only this module
+configures logging and reads the environment. Heavy imports (numpy, paho, the
+agent) happen inside the commands that need them, so ``status`` stays quick.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from streamlearn.errors import StreamlearnError
+
+F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger("streamlearn")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def clean_errors(func: F) -> F:
+    """Turn library errors into one clean line instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except StreamlearnError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def output_options(func: F) -> F:
+    """The shared ``--table / --json / --csv`` switch of listing commands."""
+    func = click.option("--csv", "fmt", flag_value="csv", help="Output CSV.")(func)
+    func = click.option("--json", "fmt", flag_value="json", help="Output JSON (one array).")(func)
+    func = click.option("--table", "fmt", flag_value="table", default=True, help="Output a table (default).")(func)
+    return func
+
+
+def emit(rows: list[dict[str, Any]], fmt: str, title: str | None = None) -> None:
+    if fmt == "json":
+        import orjson
+
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+        return
+    if fmt == "csv":
+        buf = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        click.echo(buf.getvalue(), nl=False)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    if not rows:
+        click.echo(f"{title + ': ' if title else ''}nothing yet")
+        return
+    for name in rows[0]:
+        table.add_column(name, justify="right" if isinstance(rows[0][name], (int, float)) else "left")
+    for r in rows:
+        table.add_row(*(_fmt(v) for v in r.values()))
+    Console().print(table)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _store_path(config_path: str | None, store: str | None) -> Path:
+    if store is not None:
+        return Path(store)
+    if config_path is None:
+        raise click.UsageError("give --config FILE or --store PATH")
+    from streamlearn.config import load_config
+
+    return load_config(config_path).store.path
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="streamlearn")
+def main() -> None:
+    """streamlearn: an online-learning agent for IoT gateways.
+
+    It subscribes to MQTT sensor topics, predicts with a compact PyTorch model,
+    publishes each prediction, and keeps learning from every labelled reading. All
+    state lives in one SQLite file.
+    """
+
+
+# -- run -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML config file.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="Overrides agent.log_level.")
+@click.option("--max-messages", type=int, default=None, hidden=True,
+              help="Stop after processing this many messages (tests).")
+@clean_errors
+def run(config_path: str, log_level: str | None, max_messages: int | None) -> None:
+    """Run the agent until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from streamlearn.config import load_config
+
+    config = load_config(config_path)
+    _setup_logging(log_level or config.agent.log_level)
+    from streamlearn.agent import Agent, open_store
+    from streamlearn.faults import fault_hook
+    from streamlearn.transport.mqtt import MqttTransport
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        logger.info("signal %d: stopping after the current batch", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    import os
+
+    store = open_store(config, fault_hook=fault_hook(os.environ.get("STREAMLEARN_FAULT")))
+    try:
+        status_topic = f"{config.mqtt.topic_prefix}/{config.agent.gateway}/status"
+        transport = MqttTransport(config.mqtt, config.client_id, status_topic)
+        agent = Agent(config, transport, store)
+        agent.run(stop, max_messages=max_messages)
+        logger.info("stopped: %s", agent.status())
+    finally:
+        store.close()
+
+
+# -- config -----------------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Check configuration files."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+@clean_errors
+def config_check(path: str) -> None:
+    """Validate a config file and summarise it."""
+    from streamlearn.config import load_config
+
+    cfg = load_config(path)
+    click.echo(f"{path}: ok")
+    click.echo(f"  broker {cfg.mqtt.host}:{cfg.mqtt.port} (MQTT {cfg.mqtt.protocol}), client id {cfg.client_id}")
+    click.echo(f"  store {cfg.store.path}")
+    for s in cfg.streams:
+        model = f"{s.model.kind} {s.model.hidden}" if s.model.kind == "mlp" else "linear"
+        click.echo(
+            f"  stream {s.name}: {s.topic} -> {s.task}, {len(s.features)} features, "
+            f"labels from {s.label.source}, {model}, {'per device' if s.per_device else 'shared'}"
+        )
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Config naming the store.")
+@click.option("--store", type=click.Path(dir_okay=False), help="Store file (instead of --config).")
+@output_options
+@clean_errors
+def status(config_path: str | None, store: str | None, fmt: str) -> None:
+    """Per stream: messages, labelled, dead letters, loss and checkpoint age."""
+    from streamlearn.store import reader
+
+    path = _store_path(config_path, store)
+    conn = reader.open_readonly(path)
+    rows = reader.stream_status(conn)
+    summary = reader.store_summary(conn)
+    running = reader.agent_running(path)
+    if fmt == "json":
+        emit([{"agent_running": running, **summary, "streams": rows}], fmt)
+        return
+    emit(rows, fmt, title=f"{path} ({'agent running' if running else 'no agent running'})")
+    if fmt == "table":
+        click.echo(
+            f"checkpoint {summary['checkpoint_id']} at inbox position {summary['position']}; "
+            f"{summary['inbox_rows']} inbox rows kept, {summary['unreplayed']} after the checkpoint; "
+            f"{summary['dead_letters_unrouted']} dead letters matched no stream"
+        )
+
+
+@main.command("dead-letters")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Config naming the store.")
+@click.option("--store", type=click.Path(dir_okay=False), help="Store file (instead of --config).")
+@click.option("--stream", default=None, help="Only this stream.")
+@click.option("--limit", default=50, show_default=True, help="Newest N.")
+@output_options
+@clean_errors
+def dead_letters(config_path: str | None, store: str | None, stream: str | None, limit: int, fmt: str) -> None:
+    """List rejected messages with the reason."""
+    from streamlearn.store import reader
+
+    conn = reader.open_readonly(_store_path(config_path, store))
+    emit(reader.dead_letters(conn, stream, limit), fmt, title="dead letters")
+
+
+# -- simulate ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The agent's config: readings are made to fit its streams and broker.")
+@click.option("--stream", "stream_name", default=None, help="Stream to simulate (default: all).")
+@click.option("--count", default=5000, show_default=True, help="Readings per stream.")
+@click.option("--devices", default=3, show_default=True, help="Devices per stream.")
+@click.option("--rate", default=500.0, show_default=True, help="Messages per second (0: as fast as possible).")
+@click.option("--drift-at", type=int, default=None, help="Reading index where the concept changes.")
+@click.option("--bad-every", default=0, show_default=True, help="Every n-th message is a bad payload.")
+@click.option("--seed", default=0, show_default=True)
+@clean_errors
+def simulate(config_path: str, stream_name: str | None, count: int, devices: int, rate: float,
+             drift_at: int | None, bad_every: int, seed: int) -> None:
+    """Publish simulated sensor readings for a config's streams."""
+    from streamlearn.config import load_config
+    from streamlearn.sim import Publisher, SensorSimulator
+
+    cfg = load_config(config_path)
+    streams = [cfg.stream(stream_name)] if stream_name else cfg.streams
+    pub = Publisher(cfg.mqtt.host, cfg.mqtt.port)
+    try:
+        for i, s in enumerate(streams):
+            sim = SensorSimulator(s, devices=devices, seed=seed + i, drift_at=drift_at, bad_every=bad_every)
+            n = pub.publish_all(sim.messages(count), rate=rate or None)
+            click.echo(f"{s.name}: published {n} messages")
+        if not pub.flush(60):
+            raise click.ClickException("the broker did not acknowledge every message within 60 s")
+    finally:
+        pub.close()
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--messages", default=6000, show_default=True, help="Readings per stream.")
+@click.option("--rate", default=800.0, show_default=True, help="Messages per second.")
+@click.option("--workdir", default=".demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo's store and config go.")
+@click.option("--broker", default=None, metavar="HOST:PORT",
+              help="Use this broker (default: start a private Mosquitto, else use 127.0.0.1:1883).")
+@clean_errors
+def demo(messages: int, rate: float, workdir: str, broker: str | None) -> None:
+    """Run the agent on simulated drifting sensors and show what it learned."""
+    _setup_logging("warning")
+    from streamlearn.demo import run_demo
+
+    run_demo(Path(workdir), messages=messages, rate=rate, broker=broker)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Plain records that cross the store seam."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class InboxRow:
+    """One accepted message. ``seq`` is its position, set when it is stored."""
+
+    received_at: float
+    topic: str
+    stream: str
+    kind: str
+    device: str
+    msg_key: str | None
+    payload_hash: int
+    payload: bytes
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """One rejected message and why."""
+
+    received_at: float
+    topic: str
+    stream: str | None
+    reason: str
+    detail: str
+    payload: bytes
+
+
+@dataclass(slots=True)
+class SlotState:
+    """The saved state of one model slot (a stream's shared model or one device's)."""
+
+    stream: str
+    model_key: str
+    tensors: dict[str, Any]
+    state: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """What a restart resumes from."""
+
+    id: int
+    created_at: float
+    position: int
+    slots: list[SlotState] = field(default_factory=list)
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)

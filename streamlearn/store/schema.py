@@ -1,0 +1,102 @@
+"""Schema of the store, as migrations recorded in ``_sqlite_migrations``.
+
+Add a new migration function at the end; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("streamlearn")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE inbox (
+            seq INTEGER PRIMARY KEY,
+            received_at REAL NOT NULL,
+            topic TEXT NOT NULL,
+            stream TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            device TEXT NOT NULL,
+            msg_key TEXT,
+            payload_hash INTEGER NOT NULL,
+            payload BLOB NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX inbox_msg_key ON inbox(msg_key) WHERE msg_key IS NOT NULL")
+    db.execute("CREATE INDEX inbox_payload_hash ON inbox(payload_hash)")
+    db.execute(
+        """
+        CREATE TABLE dead_letter (
+            id INTEGER PRIMARY KEY,
+            received_at REAL NOT NULL,
+            topic TEXT NOT NULL,
+            stream TEXT,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            payload_size INTEGER NOT NULL,
+            payload BLOB NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX dead_letter_stream ON dead_letter(stream, received_at)")
+    db.execute(
+        """
+        CREATE TABLE models (
+            stream TEXT NOT NULL,
+            model_key TEXT NOT NULL,
+            tensors BLOB NOT NULL,
+            state TEXT NOT NULL,
+            checkpoint_id INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (stream, model_key)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE stream_state (
+            stream TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE checkpoints (
+            id INTEGER PRIMARY KEY,
+            created_at REAL NOT NULL,
+            position INTEGER NOT NULL,
+            slots_written INTEGER NOT NULL,
+            bytes_written INTEGER NOT NULL,
+            duration_ms REAL NOT NULL,
+            reason TEXT NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE metrics (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            stream TEXT NOT NULL,
+            messages INTEGER NOT NULL,
+            labelled INTEGER NOT NULL,
+            learned INTEGER NOT NULL,
+            skipped INTEGER NOT NULL,
+            dead_letters INTEGER NOT NULL,
+            loss REAL,
+            error REAL,
+            baseline_error REAL,
+            lr REAL
+        )
+        """
+    )
+    db.execute("CREATE INDEX metrics_stream_at ON metrics(stream, at)")
+    db.execute("CREATE TABLE agent_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
