@@ -80,7 +80,10 @@ def emit(rows: list[dict[str, Any]], fmt: str, title: str | None = None) -> None
         table.add_column(name, justify="right" if isinstance(rows[0][name], (int, float)) else "left")
     for r in rows:
         table.add_row(*(_fmt(v) for v in r.values()))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table)
 
 
 def _fmt(value: Any) -> str:

@@ -244,14 +244,14 @@ class StreamConfig(_Section):
                 raise PydanticCustomError("label", "source 'forecast' needs task 'regression'")
         elif self.label.field in self.features:
             raise PydanticCustomError(
-                "label", "the label field {f!r} is also a feature", {"f": self.label.field}
+                "label", "the label field '{f}' is also a feature", {"f": self.label.field}
             )
         if self.sequence_field is not None and self.sequence_field not in self.id_fields:
             raise PydanticCustomError("sequence_field", "sequence_field must be one of id_fields")
         for field, (low, high) in self.ranges.items():
             if low > high:
                 raise PydanticCustomError(
-                    "ranges", "range of {f!r} is empty: {low} > {high}",
+                    "ranges", "range of '{f}' is empty: {low} > {high}",
                     {"f": field, "low": low, "high": high},
                 )
         return self

@@ -57,7 +57,7 @@ def _write_config_copy(config: Config, workdir: Path) -> Path:
         f'[mqtt]\nhost = "{config.mqtt.host}"\nport = {config.mqtt.port}\n'
         f'protocol = "{config.mqtt.protocol}"\nclient_id = "streamlearn-demo"\n\n'
     )
-    text = text.replace("[store]\n", f'[store]\npath = "{config.store.path}"\n', 1)
+    text = text.replace("[store]\n", f'[store]\npath = "{config.store.path.resolve()}"\n', 1)
     path.write_text(header + text)
     return path
 

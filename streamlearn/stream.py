@@ -113,6 +113,15 @@ class SlotMetrics:
         self._class_counts = [int(c) for c in state["class_counts"]]
 
 
+def make_learner(shape: ModelShape, config: StreamConfig) -> Learner:
+    """The learner of the configured engine (``auto`` = fused for every model kind so far)."""
+    if config.model.engine == "torch":
+        from streamlearn.learner_torch import TorchLearner  # imports torch: ~220 MB, ~1 s
+
+        return TorchLearner(shape, config.task, config.optimizer, seed=config.model.seed)  # type: ignore[return-value]
+    return Learner(shape, config.task, config.optimizer, seed=config.model.seed)
+
+
 class Slot:
     """One model with its features, learning-rate policy and metrics."""
 
@@ -126,7 +135,7 @@ class Slot:
             n_out=config.n_outputs,
             activation=config.model.activation,
         )
-        self.learner = Learner(shape, config.task, config.optimizer, seed=config.model.seed)
+        self.learner = make_learner(shape, config)
         self.policy: LRPolicy = make_policy(config.schedule, config.optimizer.lr)
         self.learner.lr = self.policy.lr()
         self.metrics = SlotMetrics(config.n_outputs if config.task == "multiclass" else 2)

@@ -1,0 +1,184 @@
+"""The agent's loop with an in-memory transport: dedupe, acks, replay, dead letters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from streamlearn.agent import Agent, open_store
+from streamlearn.config import Config, parse_config
+from streamlearn.errors import StoreError
+from streamlearn.sim import SensorSimulator
+from streamlearn.store import SQLiteStore
+from streamlearn.transport.memory import MemoryTransport
+
+
+def config(store: Path, **stream: Any) -> Config:
+    s = {
+        "name": "boiler", "topic": "s/+/boiler", "device": {"topic_level": 1},
+        "features": ["t_in", "t_out", "flow", "load"], "label": {"field": "power"},
+        "id_fields": ["boot", "seq"], "sequence_field": "seq",
+    }
+    s.update(stream)
+    return parse_config({"store": {"path": str(store), "checkpoint_every_messages": 250},
+                         "agent": {"batch_max": 64}, "streams": [s]})
+
+
+def drain(agent: Agent) -> None:
+    while agent.step(timeout=0):
+        pass
+
+
+def make(store_path: Path, **stream: Any) -> tuple[Agent, MemoryTransport, Config]:
+    cfg = config(store_path, **stream)
+    transport = MemoryTransport()
+    agent = Agent(cfg, transport, open_store(cfg))
+    agent.recover()
+    transport.start(agent.codec.subscriptions)
+    return agent, transport, cfg
+
+
+def test_redeliveries_are_dropped_and_reused_ids_dead_lettered(store_path: Path) -> None:
+    agent, t, _ = make(store_path)
+    body = {"t_in": 1, "t_out": 2, "flow": 3, "load": 4, "power": 5, "boot": "b", "seq": 1}
+    t.inject("s/d1/boiler", orjson.dumps(body))
+    drain(agent)
+    t.inject("s/d1/boiler", orjson.dumps(body), dup=True)  # the broker's redelivery
+    t.inject("s/d1/boiler", orjson.dumps({**body, "power": 6}))  # a sensor reusing an id
+    t.inject("s/d2/boiler", orjson.dumps(body))  # same id on another device: a new reading
+    drain(agent)
+    assert agent.counters["redeliveries"] == 1
+    assert agent.counters["processed"] == 2
+    dead = [orjson.loads(p) for topic, p, _, _ in t.published if topic.endswith("dead-letter")]
+    assert [d["reason"] for d in dead] == ["duplicate_id"]
+    assert sorted(t.acked) == [1, 2, 3, 4]  # everything is acknowledged, drops included
+    agent.store.close()
+
+
+def test_identical_readings_without_ids_count_twice_unless_redelivered(store_path: Path) -> None:
+    agent, t, _ = make(store_path, id_fields=[], sequence_field=None)
+    payload = b'{"t_in": 1, "t_out": 2, "flow": 3, "load": 4, "power": 5}'
+    t.inject("s/d1/boiler", payload)
+    t.inject("s/d1/boiler", payload)
+    t.inject("s/d1/boiler", payload, dup=True)
+    drain(agent)
+    assert agent.counters["processed"] == 2 and agent.counters["redeliveries"] == 1
+    agent.store.close()
+
+
+class FailingStore:
+    """Wraps a real store; its next ``failures`` appends raise like a full disk."""
+
+    def __init__(self, store: SQLiteStore, failures: int) -> None:
+        self._store = store
+        self.failures = failures
+
+    def append(self, rows: list, dead: list) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreError("database or disk is full")
+        self._store.append(rows, dead)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_nothing_is_acknowledged_before_it_is_committed(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config(store_path)
+    t = MemoryTransport()
+    store = FailingStore(open_store(cfg), failures=2)
+    agent = Agent(cfg, t, store)  # type: ignore[arg-type]
+    agent.recover()
+    t.start(agent.codec.subscriptions)
+    acked_during_failure: list[list[int]] = []
+    real_wait = agent._stop.wait
+
+    def wait(delay: float) -> bool:
+        acked_during_failure.append(list(t.acked))
+        return real_wait(0)
+
+    monkeypatch.setattr(agent._stop, "wait", wait)
+    for m in SensorSimulator(cfg.streams[0], seed=1).messages(10):
+        t.inject(m.topic, m.payload)
+    drain(agent)
+    assert acked_during_failure == [[], []]  # two failed commits, no ack meanwhile
+    assert sorted(t.acked) == list(range(1, 11))
+    assert agent.counters["store_errors"] == 2 and agent.counters["processed"] == 10
+    store.close()
+
+
+def run_messages(agent: Agent, t: MemoryTransport, messages: list) -> None:
+    for m in messages:
+        t.inject(m.topic, m.payload)
+    drain(agent)
+
+
+@pytest.mark.parametrize("source", ["payload", "forecast", "topic"])
+def test_a_crash_and_replay_land_on_the_same_model(tmp_path: Path, source: str) -> None:
+    """Learn 2,000 readings straight through, and again with a crash after 1,170:
+    the models end bit-for-bit identical."""
+    stream: dict[str, Any] = {}
+    if source == "forecast":
+        stream = {"features": ["t_in", "flow"], "label": {"source": "forecast", "field": "t_in", "horizon": 3},
+                  "lags": 2, "optimizer": {"name": "adam", "lr": 0.003}}
+    elif source == "topic":
+        stream = {"task": "binary", "label": {"source": "topic", "topic": "s/+/boiler/label",
+                                              "id_field": "rid", "field": "hot"}}
+    cfg = config(tmp_path / "x.db", **stream)
+    messages = list(SensorSimulator(cfg.streams[0], devices=3, seed=7).messages(2000))
+
+    straight, t1, _ = make(tmp_path / "straight.db", **stream)
+    run_messages(straight, t1, messages)
+    straight.checkpoint("end")
+
+    crashing, t2, _ = make(tmp_path / "crash.db", **stream)
+    run_messages(crashing, t2, messages[:1170])
+    assert crashing.store.load_checkpoint().position < crashing.position  # rows after the checkpoint
+    crashing.store.close()  # the process dies: no final checkpoint
+    resumed, t3, _ = make(tmp_path / "crash.db", **stream)
+    assert resumed.counters["replayed"] > 0
+    run_messages(resumed, t3, messages[1170:])
+    resumed.checkpoint("end")
+
+    for name, runner in straight.runners.items():
+        other = resumed.runners[name]
+        assert set(runner.slots) == set(other.slots)
+        for key, slot in runner.slots.items():
+            np.testing.assert_array_equal(slot.learner.net.params, other.slots[key].learner.net.params)
+        assert runner.counters == other.counters
+    straight.store.close()
+    resumed.store.close()
+
+
+def test_replayed_predictions_are_marked(store_path: Path) -> None:
+    agent, t, cfg = make(store_path)
+    run_messages(agent, t, list(SensorSimulator(cfg.streams[0], seed=2).messages(300)))
+    checkpointed = agent.store.load_checkpoint().position
+    agent.store.close()
+    again, t2, _ = make(store_path)
+    replayed = [orjson.loads(p) for topic, p, _, _ in t2.published if topic.endswith("/prediction")]
+    again.store.close()
+    assert 0 < len(replayed) == 300 - checkpointed
+    assert all(p["replay"] for p in replayed)
+
+
+def test_a_bug_in_one_message_does_not_stop_the_agent(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, t, cfg = make(store_path)
+    runner = agent.runners["boiler"]
+    real = runner.handle
+    calls = {"n": 0}
+
+    def flaky(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ZeroDivisionError("a bug")
+        return real(*args)
+
+    monkeypatch.setattr(runner, "handle", flaky)
+    run_messages(agent, t, list(SensorSimulator(cfg.streams[0], seed=3).messages(10)))
+    assert agent.counters["internal_errors"] == 1 and agent.counters["processed"] == 10
+    agent.store.close()

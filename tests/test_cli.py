@@ -1,0 +1,91 @@
+"""The command line: help everywhere, one-line errors, listings in three formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from streamlearn.agent import Agent, open_store
+from streamlearn.cli import main
+from streamlearn.config import parse_config
+from streamlearn.sim import SensorSimulator
+from streamlearn.transport.memory import MemoryTransport
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append(((*prefix, name), cmd))
+        if isinstance(cmd, click.Group):
+            out.extend(all_commands(cmd, (*prefix, name)))
+    return out
+
+
+@pytest.mark.parametrize("path,command", all_commands(main), ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_every_command_has_help(path: tuple[str, ...], command: click.Command) -> None:
+    assert command.help, f"streamlearn {' '.join(path)} has no help text"
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_config_check_ok_and_error() -> None:
+    runner = CliRunner()
+    ok = runner.invoke(main, ["config", "check", str(ROOT / "configs/boiler-regression.toml")])
+    assert ok.exit_code == 0 and "stream boiler" in ok.output
+
+
+def test_config_errors_are_one_clean_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[streams]]\nname = "s"\ntopic = "a"\nfeatures = ["a", "b", 3]\nlabel = { field = "t" }\n')
+    result = CliRunner().invoke(main, ["config", "check", str(bad)])
+    assert result.exit_code == 1
+    assert "streams[0].features[2]: expected a field name, got 3" in result.output
+    assert "Traceback" not in result.output
+    missing = CliRunner().invoke(main, ["run", "-c", str(tmp_path / "nope.toml")])
+    assert missing.exit_code == 1 and "no such config file" in missing.output
+
+
+@pytest.fixture
+def filled_store(tmp_path: Path) -> Path:
+    store = tmp_path / "s.db"
+    cfg = parse_config({"store": {"path": str(store), "checkpoint_every_messages": 100}, "streams": [{
+        "name": "boiler", "topic": "s/+/b", "device": {"topic_level": 1}, "features": ["a", "b"],
+        "label": {"field": "y"}}]})
+    t = MemoryTransport()
+    agent = Agent(cfg, t, open_store(cfg))
+    agent.recover()
+    for m in SensorSimulator(cfg.streams[0], seed=1, bad_every=50).messages(500):
+        t.inject(m.topic, m.payload)
+    while agent.step(timeout=0):
+        pass
+    agent.checkpoint("end")
+    agent.store.close()
+    return store
+
+
+def test_status_in_three_formats(filled_store: Path) -> None:
+    runner = CliRunner()
+    table = runner.invoke(main, ["status", "--store", str(filled_store)])
+    assert table.exit_code == 0 and "boiler" in table.output and "no agent running" in table.output
+    data = json.loads(runner.invoke(main, ["status", "--store", str(filled_store), "--json"]).output)
+    (stream,) = data[0]["streams"]
+    assert stream["messages"] == 490 and stream["dead_letters"] == 10
+    csv_out = runner.invoke(main, ["status", "--store", str(filled_store), "--csv"]).output
+    assert csv_out.splitlines()[0].startswith("stream,models,messages")
+
+
+def test_dead_letters_listing(filled_store: Path) -> None:
+    out = CliRunner().invoke(main, ["dead-letters", "--store", str(filled_store), "--json"])
+    rows = json.loads(out.output)
+    assert len(rows) == 10 and all(r["reason"] for r in rows)
+
+
+def test_status_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["status", "--store", str(tmp_path / "x.db")])
+    assert result.exit_code == 1 and "no such store" in result.output

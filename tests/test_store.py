@@ -1,0 +1,98 @@
+"""The SQLite store: transactions, checkpoints, lock, read-only readers."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamlearn.errors import StoreError, StoreLockedError
+from streamlearn.store import DeadLetter, InboxRow, SlotState, SQLiteStore, reader
+
+
+def row(i: int, key: str | None = None) -> InboxRow:
+    return InboxRow(float(i), "a/b", "s", "reading", "dev", key, i * 7919, b'{"x": %d}' % i)
+
+
+def test_append_assigns_positions_and_stores_dead_letters(store_path: Path) -> None:
+    store = SQLiteStore(store_path)
+    rows = [row(i, f"k{i}") for i in range(3)]
+    store.append(rows, [DeadLetter(1.0, "a/b", "s", "not_json", "bad", b"x" * 10_000)])
+    assert [r.seq for r in rows] == [1, 2, 3]
+    assert store.find_key("k1") == 7919 and store.find_key("nope") is None
+    assert store.seen_hash("a/b", 2 * 7919) and not store.seen_hash("a/c", 2 * 7919)
+    assert [r.seq for r in store.inbox_after(1, 10)] == [2, 3]
+    conn = reader.open_readonly(store_path)
+    size, kept = conn.execute("SELECT payload_size, length(payload) FROM dead_letter").fetchone()
+    assert (size, kept) == (10_000, 4096)
+    store.close()
+
+
+def test_a_failed_transaction_leaves_nothing(store_path: Path) -> None:
+    store = SQLiteStore(store_path)
+    bad = InboxRow(1.0, "a/b", "s", "reading", "dev", None, 1, None)  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="write failed"):
+        store.append([row(1), bad], [])
+    assert store.inbox_after(0, 10) == []
+    store.append([row(2)], [])
+    assert [r.seq for r in store.inbox_after(0, 10)] == [1]
+    store.close()
+
+
+def test_checkpoints_round_trip_exactly(store_path: Path) -> None:
+    store = SQLiteStore(store_path)
+    params = np.random.default_rng(0).normal(size=(1, 50)).astype(np.float32)
+    slot = SlotState("s", "dev", {"params": params}, {"x": [0.1, 1 / 3], "n": 5})
+    store.write_checkpoint(7, [slot], {"s": {"pending": []}}, [], "test")
+    store.close()
+    again = SQLiteStore(store_path)
+    cp = again.load_checkpoint()
+    assert cp is not None and cp.position == 7
+    np.testing.assert_array_equal(cp.slots[0].tensors["params"], params)
+    assert cp.slots[0].state == {"x": [0.1, 1 / 3], "n": 5}
+    assert cp.streams == {"s": {"pending": []}}
+    assert again.integrity_check() == "ok"
+    again.close()
+
+
+def test_checkpoint_prunes_the_inbox_behind_the_retention(store_path: Path) -> None:
+    store = SQLiteStore(store_path, inbox_retention=5)
+    store.append([row(i) for i in range(20)], [])
+    store.write_checkpoint(20, [], {}, [], "test")
+    assert [r.seq for r in store.inbox_after(0, 100)] == list(range(16, 21))
+    store.close()
+
+
+def test_one_agent_per_store(store_path: Path) -> None:
+    first = SQLiteStore(store_path)
+    with pytest.raises(StoreLockedError, match="in use by another streamlearn agent"):
+        SQLiteStore(store_path)
+    assert reader.agent_running(store_path)
+    first.close()
+    assert not reader.agent_running(store_path)
+    SQLiteStore(store_path).close()
+
+
+def test_readers_cannot_write(store_path: Path) -> None:
+    SQLiteStore(store_path).close()
+    conn = reader.open_readonly(store_path)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        conn.execute("DELETE FROM inbox")
+
+
+def test_reader_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no such store"):
+        reader.open_readonly(tmp_path / "missing.db")
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)")
+    with pytest.raises(StoreError, match="not a streamlearn store"):
+        reader.open_readonly(other)
+
+
+def test_migrations_are_recorded(store_path: Path) -> None:
+    SQLiteStore(store_path).close()
+    names = [r[0] for r in sqlite3.connect(store_path).execute("SELECT name FROM _sqlite_migrations")]
+    assert names == ["m001_initial"]
+    SQLiteStore(store_path).close()  # applying again is a no-op
