@@ -182,3 +182,24 @@ def test_a_bug_in_one_message_does_not_stop_the_agent(store_path: Path, monkeypa
     run_messages(agent, t, list(SensorSimulator(cfg.streams[0], seed=3).messages(10)))
     assert agent.counters["internal_errors"] == 1 and agent.counters["processed"] == 10
     agent.store.close()
+
+
+def test_a_shared_model_serves_every_device(store_path: Path) -> None:
+    agent, t, cfg = make(store_path, per_device=False)
+    run_messages(agent, t, list(SensorSimulator(cfg.streams[0], devices=5, seed=4).messages(200)))
+    runner = agent.runners["boiler"]
+    assert list(runner.slots) == ["*"]
+    assert runner.slots["*"].learner.n_learned == 200
+    devices = {orjson.loads(p)["device"] for topic, p, _, _ in t.published if topic.endswith("/prediction")}
+    assert len(devices) == 5
+    agent.store.close()
+
+
+def test_too_many_devices_become_dead_letters(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("streamlearn.agent.MAX_DEVICES_PER_STREAM", 3)
+    agent, t, cfg = make(store_path)
+    run_messages(agent, t, list(SensorSimulator(cfg.streams[0], devices=5, seed=4).messages(50)))
+    assert len(agent.runners["boiler"].slots) == 3
+    reasons = {orjson.loads(p)["reason"] for topic, p, _, _ in t.published if topic.endswith("dead-letter")}
+    assert reasons == {"too_many_devices"}
+    agent.store.close()

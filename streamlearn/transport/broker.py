@@ -69,10 +69,14 @@ class MosquittoProcess:
         Directory for its config, persistence file and log (a temp dir when None).
     extra_config
         Lines appended to the shipped gateway config (later lines win).
+    listener
+        The listener block, with ``{port}`` for the port (default: plain TCP on
+        127.0.0.1, anonymous clients allowed).
     """
 
     def __init__(
-        self, port: int | None = None, workdir: str | Path | None = None, extra_config: str = ""
+        self, port: int | None = None, workdir: str | Path | None = None, extra_config: str = "",
+        listener: str = "listener {port} 127.0.0.1\nallow_anonymous true",
     ) -> None:
         self.binary = find_mosquitto()
         if self.binary is None:
@@ -83,6 +87,7 @@ class MosquittoProcess:
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="streamlearn-broker-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_config = extra_config
+        self.listener = listener
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,8 +101,8 @@ class MosquittoProcess:
     def write_config(self) -> None:
         text = gateway_config_text()
         text += (
-            f"\n# --- private instance ---\nlistener {self.port} 127.0.0.1\n"
-            f"allow_anonymous true\npersistence_location {self.workdir}/\n"
+            f"\n# --- private instance ---\n{self.listener.format(port=self.port)}\n"
+            f"persistence_location {self.workdir}/\n"
             # run as whoever started it, so it can write its own work dir
             f"user {getpass.getuser()}\n"
             f"log_dest file {self.log_path}\n"

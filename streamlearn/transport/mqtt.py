@@ -196,6 +196,7 @@ class MqttTransport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any
     ) -> None:
         try:
+            was_connected = self._connected.is_set()
             self._connected.clear()
             self._counters["disconnects"] += 1
             value = getattr(reason_code, "value", reason_code)
@@ -206,7 +207,7 @@ class MqttTransport:
                     "over the session"
                 )
                 logger.error("%s", self.last_error)
-            elif value != 0:
+            elif value != 0 and was_connected:  # after a refusal, keep the refusal's reason
                 self.last_error = f"disconnected: {reason_code}"
                 logger.warning("disconnected from the broker (%s); reconnecting", reason_code)
         except Exception:
