@@ -258,8 +258,9 @@ class Agent:
             slots.extend(runner.dirty_slots())
         streams = {name: r.state() for name, r in self.runners.items()}
         metrics = [r.metrics_row() for r in self.runners.values()]
+        events = [e for r in self.runners.values() for e in r.take_events()]
         try:
-            self.store.write_checkpoint(self.position, slots, streams, metrics, reason)
+            self.store.write_checkpoint(self.position, slots, streams, metrics, reason, events)
         except StoreError as exc:
             self.counters["store_errors"] += 1
             self.last_error = f"store: {exc}"
@@ -267,6 +268,7 @@ class Agent:
             for runner in self.runners.values():  # write them again next time
                 for slot in runner.slots.values():
                     slot.dirty = True
+                runner.events[:0] = [e for e in events if e.stream == runner.name]
             self._last_checkpoint = self.clock.monotonic()
             return False
         self.counters["checkpoints"] += 1

@@ -231,6 +231,52 @@ def dead_letters(config_path: str | None, store: str | None, stream: str | None,
     emit(reader.dead_letters(conn, stream, limit), fmt, title="dead letters")
 
 
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Config naming the store.")
+@click.option("--store", type=click.Path(dir_okay=False), help="Store file (instead of --config).")
+@click.option("--stream", default=None, help="Only this stream.")
+@click.option("--device", default=None, help="Only this device's model ('*' for a shared model).")
+@click.option("--since", default=None, help="Only events since: 30m, 2h, 7d, an ISO time, or epoch seconds.")
+@click.option("--limit", type=int, default=None, help="Only the newest N.")
+@output_options
+@clean_errors
+def drift(config_path: str | None, store: str | None, stream: str | None, device: str | None,
+          since: str | None, limit: int | None, fmt: str) -> None:
+    """The drift history: every detection and learning-rate decision.
+
+    Reads the store read-only, so it is safe while the agent runs.
+    """
+    import datetime as dt
+
+    from streamlearn.store import reader
+
+    try:
+        since_at = reader.parse_since(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    conn = reader.open_readonly(_store_path(config_path, store))
+    events = reader.drift_events(conn, stream, device, since_at, limit)
+    if fmt == "table":
+        for e in events:
+            e["at"] = dt.datetime.fromtimestamp(e["at"]).isoformat(timespec="seconds")
+    emit(events, fmt, title="drift history")
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Config naming the store.")
+@click.option("--store", type=click.Path(dir_okay=False), help="Store file (instead of --config).")
+@click.option("--stream", default=None, help="Only this stream (default: every stream).")
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the PNG files.")
+@clean_errors
+def plot(config_path: str | None, store: str | None, stream: str | None, out_dir: str) -> None:
+    """Write <stream>.png: rolling loss, learning rate and drift markers over time."""
+    from streamlearn.plot import plot_streams
+
+    for path in plot_streams(_store_path(config_path, store), Path(out_dir), stream):
+        click.echo(f"wrote {path}")
+
+
 # -- simulate ---------------------------------------------------------------------------------
 
 
@@ -282,6 +328,96 @@ def demo(messages: int, rate: float, workdir: str, broker: str | None) -> None:
     from streamlearn.demo import run_demo
 
     run_demo(Path(workdir), messages=messages, rate=rate, broker=broker)
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print tables and write reports (not tests: they measure)."""
+
+
+@bench.command("accuracy")
+@click.option("--streams", default=None, help="Comma-separated stream names (default: all ten).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
+@click.option("-n", "--samples", "n", default=10_000, show_default=True, help="Samples per synthetic stream.")
+@click.option("--policies", default=None,
+              help="Comma-separated policies to compare (default: all seven).")
+@click.option("--no-river", is_flag=True, help="Skip river's linear model and ARF (the ARF is slow).")
+@click.option("--quick", is_flag=True, help="One seed, 3,000 samples, no ARF: a smoke test.")
+@click.option("--workers", type=int, default=None, help="Processes (default: one per core).")
+@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False))
+@clean_errors
+def bench_accuracy(streams: str | None, seeds: str, n: int, policies: str | None, no_river: bool,
+                   quick: bool, workers: int | None, out_dir: str) -> None:
+    """Prequential error of every learning-rate policy against the best fixed rate in hindsight,
+    river's linear model and ARF, and the naive baselines, on ten drifting streams."""
+    from rich.progress import Progress
+
+    from streamlearn.bench.accuracy import DEFAULT_POLICIES, markdown, run_accuracy, write_reports
+    from streamlearn.config import ScheduleConfig
+
+    chosen = DEFAULT_POLICIES
+    if policies:
+        names = [p.strip() for p in policies.split(",")]
+        unknown = set(names) - set(DEFAULT_POLICIES)
+        if unknown:
+            raise click.BadParameter(f"unknown policies {sorted(unknown)}; choose from {list(DEFAULT_POLICIES)}")
+        chosen = {k: DEFAULT_POLICIES[k] for k in names}
+    seed_list = [int(x) for x in seeds.split(",")]
+    if quick:
+        seed_list, n, no_river = seed_list[:1], 3000, True
+    default = ScheduleConfig().policy
+    if default not in chosen:
+        chosen = {default: DEFAULT_POLICIES[default], **chosen}
+    with Progress(transient=True) as progress:
+        task = progress.add_task("prequential runs", total=None)
+        report = run_accuracy(
+            streams=streams.split(",") if streams else None, seeds=seed_list, n=n, policies=chosen,
+            river=not no_river, default=default, workers=workers,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    click.echo(markdown(report))
+    for kind, path in write_reports(report, Path(out_dir)).items():
+        click.echo(f"wrote {path}")
+
+
+THROUGHPUT_SECTIONS = ("flood", "latency", "backlog", "scale", "profile")
+
+
+@bench.command("throughput")
+@click.option("--quick", is_flag=True, help="Small counts, one repeat: a smoke test (about 1.5 min).")
+@click.option("--sections", default=",".join(THROUGHPUT_SECTIONS), show_default=True,
+              help="Comma-separated subset of the sections.")
+@click.option("--repeats", type=int, default=None, help="Repeats per measurement (default 3).")
+@click.option("--learner-json", type=click.Path(dir_okay=False), default=None,
+              help="A `bench learner` result to include in the targets table.")
+@click.option("--out", default="reports/bench-throughput.json", show_default=True, type=click.Path(dir_okay=False))
+@clean_errors
+def bench_throughput(quick: bool, sections: str, repeats: int | None, learner_json: str | None, out: str) -> None:
+    """The agent against the echo ceiling over a private Mosquitto: throughput, latency at 100,
+    1,000 and 5,000 msg/s, backlog drain, 1/100/1,000 devices, RSS, CPU per message, stage profile."""
+    from streamlearn.bench import run_throughput
+
+    chosen = tuple(x.strip() for x in sections.split(",") if x.strip())
+    unknown = set(chosen) - set(THROUGHPUT_SECTIONS)
+    if unknown:
+        raise click.BadParameter(f"unknown sections {sorted(unknown)}; choose from {THROUGHPUT_SECTIONS}")
+    run_throughput(out_json=Path(out), quick=quick, sections=chosen, repeats=repeats,
+                   learner_json=Path(learner_json) if learner_json else None)
+
+
+@bench.command("learner")
+@click.option("--quick", is_flag=True, help="500 samples, one repeat.")
+@click.option("--out", default="reports/bench-learner.json", show_default=True, type=click.Path(dir_okay=False))
+@clean_errors
+def bench_learner(quick: bool, out: str) -> None:
+    """Per-sample cost of the fused learner against the naive torch loop (and deep-river if
+    installed) on the same 8-32-32-1 MLP and stream, and how closely their results agree."""
+    from streamlearn.bench import run_learner_bench
+
+    run_learner_bench(out_json=Path(out), quick=quick)
 
 
 if __name__ == "__main__":

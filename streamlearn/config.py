@@ -194,16 +194,59 @@ class OptimizerConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    """The learning-rate policy. Only ``constant`` exists so far."""
+    """The learning-rate policy and its parameters (see :mod:`streamlearn.schedulers`)."""
 
-    policy: Literal["constant"] = "constant"
+    policy: Literal["constant", "decay", "drift_reset", "plateau", "hypergradient", "dog", "population"] = (
+        "constant"
+    )
     min_lr: PositiveFloat = 1e-6
     max_lr: PositiveFloat = 1.0
+    decay_steps: int = Field(5000, ge=1)  # decay
+    decay_power: PositiveFloat = 0.5
+    boost: float = Field(5.0, ge=1.0)  # drift_reset
+    half_life: int = Field(500, ge=1)
+    factor: float = Field(0.5, gt=0.0, lt=1.0)  # plateau
+    patience: int = Field(2000, ge=1)
+    beta: PositiveFloat = 0.01  # hypergradient
+    r_eps: PositiveFloat = 1e-4  # dog
+    size: int = Field(5, ge=2, le=16)  # population
+    spread: float = Field(3.0, gt=1.0)
+    alpha: float = Field(0.02, gt=0.0, le=1.0)
+    period: int = Field(500, ge=1)
+    by_error: bool = True
+    margin: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _bounds(self) -> ScheduleConfig:
         if self.min_lr > self.max_lr:
             raise PydanticCustomError("bounds", "min_lr must not exceed max_lr")
+        return self
+
+
+class DriftConfig(_Section):
+    """Drift detection on the prequential loss (see :mod:`streamlearn.monitors`)."""
+
+    # page_hinkley watches the loss (regression) or the 0/1 error (classification);
+    # hddm_a and the other binary detectors only see classification errors
+    detectors: list[Literal["adwin", "page_hinkley", "kswin", "ddm", "eddm", "hddm_a", "fhddm"]] = [
+        "page_hinkley", "hddm_a"
+    ]
+    grace: int = Field(500, ge=0)
+    cooldown: int = Field(1000, ge=0)
+    min_agree: int = Field(1, ge=1)
+    agree_window: int = Field(100, ge=1)
+    rise: float = Field(1.3, ge=1.0)
+    params: dict[str, dict[str, float | int | str | bool]] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> DriftConfig:
+        if not self.detectors:
+            raise PydanticCustomError("detectors", "name at least one detector")
+        if self.min_agree > len(self.detectors):
+            raise PydanticCustomError("min_agree", "min_agree exceeds the number of detectors")
+        unknown = set(self.params) - set(self.detectors)
+        if unknown:
+            raise PydanticCustomError("params", "params for detectors not listed: {u}", {"u": sorted(unknown)})
         return self
 
 
@@ -220,6 +263,7 @@ class StreamConfig(_Section):
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    drift: DriftConfig = DriftConfig()
     id_fields: list[FieldName] = []
     sequence_field: FieldName | None = None
     timestamp_field: FieldName | None = None

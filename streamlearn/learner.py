@@ -123,6 +123,7 @@ class Learner:
         self._cached_x: np.ndarray | None = None
         self._cached_version = -1
         self._cached_out: np.ndarray | None = None
+        self.last_wrong: np.ndarray | None = None  # classification: per copy, was the last sample misclassified
 
     # -- learning rate --------------------------------------------------------
 
@@ -187,8 +188,10 @@ class Learner:
             z = out[:, 0]
             loss = np.maximum(z, 0) - z * F32(y) + np.log1p(np.exp(-np.abs(z)))
             d_out = (_sigmoid(z) - F32(y))[:, None]
+            self.last_wrong = (z > 0) != (y > 0.5)
         else:
             cls = int(y)
+            self.last_wrong = out.argmax(axis=1) != cls
             shifted = out - out.max(axis=1, keepdims=True)
             expz = np.exp(shifted)
             total = expz.sum(axis=1, keepdims=True)
@@ -250,6 +253,12 @@ class Learner:
         self.version += 1
         self.n_learned += n
         return loss
+
+    def copy_member(self, src: int, dst: int) -> None:
+        """Make copy ``dst`` of a population an exact clone of copy ``src`` (weights and moments)."""
+        for arr in self.state_arrays().values():
+            arr[dst] = arr[src]
+        self.version += 1
 
     # -- state ----------------------------------------------------------------------
 

@@ -1,33 +1,80 @@
 """Learning-rate policies: how fast each model learns, decided after every step.
 
-Every policy implements :class:`LRPolicy`. The learner asks ``lr()`` before a
-step and reports the step's loss with ``update``; drift detectors call
-``on_drift``. Every policy keeps the rate within ``[min_lr, max_lr]`` and can
-save and restore its state as JSON.
+Every policy implements :class:`LRPolicy`. Before a step the learner takes
+``lr()``; after it the policy sees the step's loss (and may read the learner's
+gradients and parameters) through ``update``; a debounced drift detection calls
+``on_drift``. The rate always stays within ``[min_lr, max_lr]``. Discrete choices
+(raise on drift, reduce on plateau, re-spread a population) come back as a
+:class:`Decision`, which the agent stores in the drift history.
 
->>> policy = Constant(lr=0.01)
->>> policy.update(loss=0.5, t=1); policy.lr()
-0.01
+====================  =====================================================================
+policy                what it does
+====================  =====================================================================
+``constant``          a fixed rate
+``decay``             ``lr / (1 + t / steps) ** power``, back to ``lr`` after a drift
+``drift_reset``       on drift multiply the rate by ``boost``, then decay back to the base
+                      rate with ``half_life`` steps
+``plateau``           multiply by ``factor`` when the slow loss average stops improving for
+                      ``patience`` steps; back to ``lr`` after a drift
+``hypergradient``     Baydin et al. 2018, multiplicative form: ``lr *= exp(beta * cos(g_t,
+                      g_{t-1}))``: grows while successive gradients agree, shrinks when they
+                      oscillate
+``dog``               Distance over Gradients (Ivgi et al. 2023), parameter-free:
+                      ``max ||x_t - x_0|| / sqrt(sum ||g_t||^2)``; restarts from the current
+                      weights after a drift
+``population``        trains ``size`` copies of the model side by side at log-spaced rates
+                      (one vectorised learner), serves the copy with the lowest recent loss,
+                      and every ``period`` steps and after a drift clones the best copy into
+                      the worst and re-spreads the rates around the best one
+====================  =====================================================================
+
+>>> policy = DriftReset(lr=0.01, boost=5.0, half_life=100)
+>>> _ = policy.on_drift(None, t=1000); round(policy.lr(), 4)
+0.05
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from streamlearn.config import ScheduleConfig
+from streamlearn.monitors import LossMonitor
+
+if TYPE_CHECKING:
+    from streamlearn.learner import Learner
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A discrete learning-rate action, for the drift history."""
+
+    action: str
+    lr_before: float
+    lr_after: float
 
 
 class LRPolicy(Protocol):
-    def lr(self) -> float:
-        """The learning rate for the next step."""
+    name: str
+    population: int
+
+    def lr(self) -> float | np.ndarray:
+        """The learning rate for the next step (one per copy for a population)."""
         ...
 
-    def update(self, loss: float, t: int) -> None:
-        """Report the loss of step ``t``."""
+    def serving(self) -> int:
+        """Which copy's prediction to publish."""
         ...
 
-    def on_drift(self, t: int) -> None:
-        """A drift detector fired at step ``t``."""
+    def update(self, learner: Learner, loss: np.ndarray, t: int) -> Decision | None:
+        """See the loss of step ``t`` (per copy); may return a discrete decision."""
+        ...
+
+    def on_drift(self, learner: Learner | None, t: int) -> Decision | None:
+        """A debounced drift was detected at step ``t``."""
         ...
 
     def state(self) -> dict[str, Any]: ...
@@ -35,34 +82,406 @@ class LRPolicy(Protocol):
     def load(self, state: dict[str, Any]) -> None: ...
 
 
-class Constant:
-    """A fixed learning rate."""
+class _Bounded:
+    """Shared pieces: bounds, a single rate, copy 0 serves."""
+
+    name = "base"
+    population = 1
 
     def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0) -> None:
+        if not 0 < min_lr <= max_lr:
+            raise ValueError(f"need 0 < min_lr <= max_lr, got {min_lr}, {max_lr}")
         if not min_lr <= lr <= max_lr:
             raise ValueError(f"lr {lr} is outside [min_lr, max_lr] = [{min_lr}, {max_lr}]")
         self.base_lr = lr
         self.min_lr = min_lr
         self.max_lr = max_lr
+        self._lr = lr
+
+    def _clamp(self, lr: float) -> float:
+        return min(self.max_lr, max(self.min_lr, lr))
 
     def lr(self) -> float:
-        return self.base_lr
+        return self._lr
 
-    def update(self, loss: float, t: int) -> None:
+    def serving(self) -> int:
+        return 0
+
+    def update(self, learner: Learner, loss: np.ndarray, t: int) -> Decision | None:
         return None
 
-    def on_drift(self, t: int) -> None:
+    def on_drift(self, learner: Learner | None, t: int) -> Decision | None:
         return None
 
     def state(self) -> dict[str, Any]:
-        return {}
+        return {"lr": self._lr}
 
     def load(self, state: dict[str, Any]) -> None:
+        self._lr = float(state["lr"])
+
+
+class Constant(_Bounded):
+    """A fixed learning rate.
+
+    >>> Constant(lr=0.01).lr()
+    0.01
+    """
+
+    name = "constant"
+
+
+class Decay(_Bounded):
+    """Inverse-time decay ``lr / (1 + t / steps) ** power``; a drift restarts it.
+
+    >>> p = Decay(lr=0.1, steps=100, power=1.0)
+    >>> _ = p.update(None, np.array([1.0]), t=100); p.lr()
+    0.05
+    """
+
+    name = "decay"
+
+    def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 5000,
+                 power: float = 0.5) -> None:
+        super().__init__(lr, min_lr, max_lr)
+        if steps < 1 or power <= 0:
+            raise ValueError(f"need steps >= 1 and power > 0, got {steps}, {power}")
+        self.steps = steps
+        self.power = power
+        self._start = 0
+
+    def update(self, learner: Learner | None, loss: np.ndarray, t: int) -> Decision | None:
+        self._lr = self._clamp(self.base_lr / (1 + (t - self._start) / self.steps) ** self.power)
         return None
+
+    def on_drift(self, learner: Learner | None, t: int) -> Decision | None:
+        before = self._lr
+        self._start = t
+        self._lr = self.base_lr
+        return Decision("restart_decay", before, self._lr)
+
+    def state(self) -> dict[str, Any]:
+        return {"lr": self._lr, "start": self._start}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self._lr = float(state["lr"])
+        self._start = int(state["start"])
+
+
+class DriftReset(_Bounded):
+    """Raise the rate by ``boost`` on drift, then decay back to the base rate."""
+
+    name = "drift_reset"
+
+    def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0, boost: float = 5.0,
+                 half_life: int = 500) -> None:
+        super().__init__(lr, min_lr, max_lr)
+        if boost < 1 or half_life < 1:
+            raise ValueError(f"need boost >= 1 and half_life >= 1, got {boost}, {half_life}")
+        self.boost = boost
+        self.half_life = half_life
+        self._decay = 0.5 ** (1.0 / half_life)
+
+    def update(self, learner: Learner | None, loss: np.ndarray, t: int) -> Decision | None:
+        if self._lr != self.base_lr:
+            self._lr = self.base_lr + (self._lr - self.base_lr) * self._decay
+            if abs(self._lr - self.base_lr) < 1e-3 * self.base_lr:
+                self._lr = self.base_lr
+        return None
+
+    def on_drift(self, learner: Learner | None, t: int) -> Decision | None:
+        before = self._lr
+        self._lr = self._clamp(self.base_lr * self.boost)
+        return Decision("boost", before, self._lr)
+
+
+class ReduceOnPlateau(_Bounded):
+    """Multiply the rate by ``factor`` when the loss stops improving; a drift restores it."""
+
+    name = "plateau"
+
+    def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0, factor: float = 0.5,
+                 patience: int = 2000) -> None:
+        super().__init__(lr, min_lr, max_lr)
+        if not 0 < factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {factor}")
+        self.factor = factor
+        self.monitor = LossMonitor(patience=patience)
+
+    def update(self, learner: Learner | None, loss: np.ndarray, t: int) -> Decision | None:
+        self.monitor.update(float(loss[0]))
+        if self.monitor.plateau:
+            self.monitor.reset_plateau()
+            before = self._lr
+            self._lr = self._clamp(self._lr * self.factor)
+            if self._lr != before:
+                return Decision("reduce_on_plateau", before, self._lr)
+        return None
+
+    def on_drift(self, learner: Learner | None, t: int) -> Decision | None:
+        before = self._lr
+        self._lr = self.base_lr
+        self.monitor.reset_plateau()
+        return Decision("restore", before, self._lr)
+
+    def state(self) -> dict[str, Any]:
+        return {"lr": self._lr, "monitor": self.monitor.state()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self._lr = float(state["lr"])
+        self.monitor.load(state["monitor"])
+
+
+class Hypergradient(_Bounded):
+    """Hypergradient descent on the rate (Baydin et al. 2018), multiplicative and normalised.
+
+    The derivative of the loss with respect to the rate is ``-g_t . g_{t-1}``; using
+    the cosine instead of the raw dot product makes ``beta`` independent of the
+    gradient's scale.
+    """
+
+    name = "hypergradient"
+
+    def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0, beta: float = 0.01) -> None:
+        super().__init__(lr, min_lr, max_lr)
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        self.beta = beta
+        self._prev: np.ndarray | None = None
+
+    def update(self, learner: Learner, loss: np.ndarray, t: int) -> Decision | None:
+        g = learner.net.grads[0]
+        norm = float(np.sqrt(np.dot(g, g)))
+        if self._prev is not None and norm > 0:
+            prev_norm = float(np.sqrt(np.dot(self._prev, self._prev)))
+            if prev_norm > 0:
+                cos = float(np.dot(g, self._prev)) / (norm * prev_norm)
+                self._lr = self._clamp(self._lr * math.exp(self.beta * cos))
+        if self._prev is None:
+            self._prev = g.copy()
+        else:
+            self._prev[...] = g
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {"lr": self._lr, "prev": None if self._prev is None else self._prev.tolist()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self._lr = float(state["lr"])
+        self._prev = None if state["prev"] is None else np.asarray(state["prev"], dtype=np.float32)
+
+
+class DoG(_Bounded):
+    """Distance over Gradients (Ivgi, Hinder & Carmon 2023): a parameter-free step size.
+
+    ``lr_t = max_{i<=t} ||x_i - x_0|| / sqrt(sum_{i<=t} ||g_i||^2)``, starting from
+    ``r_eps * (1 + ||x_0||)``. After a drift it restarts from the current weights.
+    ``lr`` only bounds the very first step.
+    """
+
+    name = "dog"
+
+    def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0, r_eps: float = 1e-4) -> None:
+        super().__init__(lr, min_lr, max_lr)
+        self.r_eps = r_eps
+        self._x0: np.ndarray | None = None
+        self._max_dist = 0.0
+        self._grad_sq = 0.0
+
+    def _restart(self, params: np.ndarray) -> None:
+        self._x0 = params.copy()
+        self._max_dist = self.r_eps * (1.0 + float(np.linalg.norm(params)))
+        self._grad_sq = 0.0
+
+    def update(self, learner: Learner, loss: np.ndarray, t: int) -> Decision | None:
+        params = learner.net.params[0]
+        if self._x0 is None:
+            self._restart(params)
+        assert self._x0 is not None
+        g = learner.net.grads[0]
+        self._grad_sq += float(np.dot(g, g))
+        diff = params - self._x0
+        self._max_dist = max(self._max_dist, float(np.sqrt(np.dot(diff, diff))))
+        if self._grad_sq > 0:
+            self._lr = self._clamp(self._max_dist / math.sqrt(self._grad_sq))
+        return None
+
+    def on_drift(self, learner: Learner | None, t: int) -> Decision | None:
+        if learner is None:
+            return None
+        before = self._lr
+        self._restart(learner.net.params[0])
+        return Decision("restart_dog", before, self._lr)
+
+    def state(self) -> dict[str, Any]:
+        return {"lr": self._lr, "x0": None if self._x0 is None else self._x0.tolist(),
+                "max_dist": self._max_dist, "grad_sq": self._grad_sq}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self._lr = float(state["lr"])
+        self._x0 = None if state["x0"] is None else np.asarray(state["x0"], dtype=np.float32)
+        self._max_dist = float(state["max_dist"])
+        self._grad_sq = float(state["grad_sq"])
+
+
+class Population:
+    """``size`` copies at log-spaced rates; serve the best, follow it, re-spread after drift.
+
+    Copy ``i`` trains at ``lr * spread ** (i - (size - 1) / 2)`` (within the bounds).
+    Each copy's recent score (error rate for classification, loss otherwise) is an
+    exponential average with weight ``alpha``; the copy with the lowest serves.
+    Copies keep their rates, so each one settles as a fixed-rate learner would;
+    the grid moves only when the evidence says so:
+
+    * every ``period`` steps, if a copy at an edge of the grid was the best for at
+      least half of the period, the copy at the other edge becomes its clone one
+      ``spread`` step further out (the grid follows a stream that wants a rate
+      outside it, but not a lucky streak);
+    * after a drift, the worst half become clones of the best and the rates are
+      re-spread around the best copy's rate.
+
+    >>> p = Population(lr=0.01, size=3, spread=10.0)
+    >>> [round(float(r), 4) for r in p.lr()]
+    [0.001, 0.01, 0.1]
+    """
+
+    name = "population"
+
+    def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0, size: int = 5,
+                 spread: float = 3.0, alpha: float = 0.02, period: int = 500, by_error: bool = True,
+                 margin: float = 0.0) -> None:
+        if size < 2:
+            raise ValueError(f"a population needs at least 2 copies, got {size}")
+        if spread <= 1:
+            raise ValueError(f"spread must exceed 1, got {spread}")
+        if not 0 < min_lr <= lr <= max_lr:
+            raise ValueError(f"need 0 < min_lr <= lr <= max_lr, got {min_lr}, {lr}, {max_lr}")
+        if max_lr / min_lr < spread ** (size - 1):
+            raise ValueError(f"[min_lr, max_lr] is too narrow for {size} copies spread by {spread}")
+        self.population = size
+        self.base_lr = lr
+        self.min_lr = min_lr
+        self.max_lr = max_lr
+        self.spread = spread
+        self.alpha = alpha
+        self.period = period
+        self.by_error = by_error
+        self.margin = margin
+        self._lrs = self._grid(lr)
+        self._avg = np.zeros(size)
+        self._wins = np.zeros(size)
+        self._n = 0
+        self._best = int(np.argmin(np.abs(np.log(self._lrs / lr))))
+        self._last_move = 0
+
+    def _grid(self, center: float) -> np.ndarray:
+        """``size`` rates ``spread`` apart around ``center``, shifted to fit the bounds."""
+        k = self.population
+        low = center * self.spread ** (-(k - 1) / 2)
+        high = low * self.spread ** (k - 1)
+        if high > self.max_lr:
+            low = self.max_lr / self.spread ** (k - 1)
+        elif low < self.min_lr:
+            low = self.min_lr
+        return low * self.spread ** np.arange(k)
+
+    def lr(self) -> np.ndarray:
+        return self._lrs
+
+    def serving(self) -> int:
+        return self._best
+
+    def update(self, learner: Learner, loss: np.ndarray, t: int) -> Decision | None:
+        # rank copies by what users see: the error rate for classification (ties broken by
+        # the loss, since on an easy stream every copy may be error-free for a while)
+        if learner.last_wrong is not None and self.by_error:
+            score = learner.last_wrong.astype(float) + 1e-3 * loss
+        else:
+            score = loss
+        self._n += 1
+        # a plain mean until 1/alpha samples are in, then an exponential average
+        self._avg += max(self.alpha, 1.0 / self._n) * (score - self._avg)
+        leader = int(np.argmin(self._avg))
+        # switch the served copy only when another is better by `margin` (noise is not evidence)
+        if self._avg[leader] < self._avg[self._best] * (1.0 - self.margin):
+            self._best = leader
+        self._wins[leader] += 1
+        if t - self._last_move >= self.period:
+            self._last_move = t
+            decision = self._extend(learner)
+            self._wins[:] = 0
+            return decision
+        return None
+
+    def _extend(self, learner: Learner) -> Decision | None:
+        order = np.argsort(self._lrs)
+        best = int(np.argmax(self._wins))
+        if self._wins[best] < 0.5 * self._wins.sum():
+            return None
+        if best == order[-1] and self._lrs[best] * self.spread <= self.max_lr * (1 + 1e-9):
+            dst, new_lr = int(order[0]), self._lrs[best] * self.spread
+        elif best == order[0] and self._lrs[best] / self.spread >= self.min_lr * (1 - 1e-9):
+            dst, new_lr = int(order[-1]), self._lrs[best] / self.spread
+        else:
+            return None
+        learner.copy_member(best, dst)
+        self._avg[dst] = self._avg[best]
+        self._lrs = self._lrs.copy()
+        self._lrs[dst] = new_lr
+        lr_best = float(self._lrs[best])
+        return Decision("extend_up" if new_lr > lr_best else "extend_down", lr_best, lr_best)
+
+    def on_drift(self, learner: Learner | None, t: int) -> Decision | None:
+        if learner is None:
+            return None
+        best = self._best
+        before = float(self._lrs[best])
+        for dst in np.argsort(self._avg)[(self.population + 1) // 2:]:  # the worst half
+            if dst != best:
+                learner.copy_member(best, int(dst))
+                self._avg[dst] = self._avg[best]
+        grid = self._grid(before)
+        # the best copy keeps the grid value nearest its rate; the others take the rest in order
+        keep = int(np.argmin(np.abs(np.log(grid / before))))
+        others = [int(i) for i in np.argsort(self._lrs) if i != best]
+        self._lrs = self._lrs.copy()
+        self._lrs[best] = grid[keep]
+        self._lrs[others] = np.delete(grid, keep)
+        self._last_move = t
+        return Decision("respread", before, float(self._lrs[best]))
+
+    def state(self) -> dict[str, Any]:
+        return {"lrs": self._lrs.tolist(), "avg": self._avg.tolist(), "wins": self._wins.tolist(), "n": self._n,
+                "best": self._best, "last_move": self._last_move}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self._lrs = np.asarray(state["lrs"], dtype=np.float64)
+        self._avg = np.asarray(state["avg"], dtype=np.float64)
+        self._wins = np.asarray(state["wins"], dtype=np.float64)
+        self._n = int(state["n"])
+        self._best = int(state["best"])
+        self._last_move = int(state["last_move"])
+
+
+POLICIES = ("constant", "decay", "drift_reset", "plateau", "hypergradient", "dog", "population")
 
 
 def make_policy(config: ScheduleConfig, lr: float) -> LRPolicy:
-    """The policy a stream's ``[schedule]`` section names."""
-    if config.policy == "constant":
-        return Constant(lr, min_lr=config.min_lr, max_lr=config.max_lr)
-    raise ValueError(f"unknown learning-rate policy {config.policy!r}")
+    """The policy a stream's ``[streams.schedule]`` section names."""
+    common = {"lr": lr, "min_lr": config.min_lr, "max_lr": config.max_lr}
+    p = config.policy
+    if p == "constant":
+        return Constant(**common)
+    if p == "decay":
+        return Decay(**common, steps=config.decay_steps, power=config.decay_power)
+    if p == "drift_reset":
+        return DriftReset(**common, boost=config.boost, half_life=config.half_life)
+    if p == "plateau":
+        return ReduceOnPlateau(**common, factor=config.factor, patience=config.patience)
+    if p == "hypergradient":
+        return Hypergradient(**common, beta=config.beta)
+    if p == "dog":
+        return DoG(**common, r_eps=config.r_eps)
+    if p == "population":
+        return Population(**common, size=config.size, spread=config.spread, alpha=config.alpha,
+                          period=config.period, by_error=config.by_error, margin=config.margin)
+    raise ValueError(f"unknown learning-rate policy {p!r}; choose from {POLICIES}")

@@ -32,8 +32,9 @@ from streamlearn.config import StreamConfig
 from streamlearn.features import FeatureState
 from streamlearn.learner import Learner
 from streamlearn.models import ModelShape
+from streamlearn.monitors import DriftMonitor
 from streamlearn.schedulers import LRPolicy, make_policy
-from streamlearn.store import InboxRow, SlotState
+from streamlearn.store import DriftEvent, InboxRow, SlotState
 
 F32 = np.float32
 SHARED = "*"
@@ -83,15 +84,18 @@ class SlotMetrics:
         self._target_mean += (y - self._target_mean) / self._target_n
         return score
 
-    def record_class(self, y: int, probs: np.ndarray) -> None:
+    def record_class(self, y: int, probs: np.ndarray) -> float:
+        """Record one labelled prediction; returns its 0/1 error."""
         self.labelled += 1
         p = float(probs[y])
+        wrong = float(int(np.argmax(probs)) != y)
         self.loss = self._ewma(self.loss, -math.log(max(p, 1e-12)))
-        self.error = self._ewma(self.error, float(int(np.argmax(probs)) != y))
+        self.error = self._ewma(self.error, wrong)
         if sum(self._class_counts) > 0:
             majority = int(np.argmax(self._class_counts))
             self.baseline_error = self._ewma(self.baseline_error, float(majority != y))
         self._class_counts[y] += 1
+        return wrong
 
     def state(self) -> dict[str, Any]:
         return {
@@ -113,35 +117,96 @@ class SlotMetrics:
         self._class_counts = [int(c) for c in state["class_counts"]]
 
 
-def make_learner(shape: ModelShape, config: StreamConfig) -> Learner:
+def make_learner(shape: ModelShape, config: StreamConfig, population: int = 1) -> Learner:
     """The learner of the configured engine (``auto`` = fused for every model kind so far)."""
     if config.model.engine == "torch":
+        if population != 1:
+            raise ValueError("engine 'torch' trains one copy; the population policy needs the fused engine")
         from streamlearn.learner_torch import TorchLearner  # imports torch: ~220 MB, ~1 s
 
         return TorchLearner(shape, config.task, config.optimizer, seed=config.model.seed)  # type: ignore[return-value]
-    return Learner(shape, config.task, config.optimizer, seed=config.model.seed)
+    return Learner(shape, config.task, config.optimizer, seed=config.model.seed, population=population)
 
 
 class Slot:
-    """One model with its features, learning-rate policy and metrics."""
+    """One model with its features, learning-rate policy, drift monitor and metrics.
+
+    The agent's :class:`StreamRunner` and the accuracy benchmark drive a slot the
+    same way: ``x = features_for(device, values)``, ``predict(x)``, then, once the
+    target is known, ``learn(x, y, predicted)``.
+    """
 
     def __init__(self, key: str, config: StreamConfig) -> None:
         self.key = key
-        n_fields = len(config.features)
-        self.features = FeatureState(n_fields, config.lags)
+        self.task = config.task
+        self.features = FeatureState(len(config.features), config.lags)
         shape = ModelShape(
             n_in=self.features.dim,
             hidden=tuple(config.model.hidden) if config.model.kind == "mlp" else (),
             n_out=config.n_outputs,
             activation=config.model.activation,
         )
-        self.learner = make_learner(shape, config)
         self.policy: LRPolicy = make_policy(config.schedule, config.optimizer.lr)
+        self.learner = make_learner(shape, config, self.policy.population)
         self.learner.lr = self.policy.lr()
+        d = config.drift
+        self.drift = DriftMonitor(d.detectors, grace=d.grace, cooldown=d.cooldown, min_agree=d.min_agree,
+                                  agree_window=d.agree_window, rise=d.rise, params=dict(d.params))
         self.metrics = SlotMetrics(config.n_outputs if config.task == "multiclass" else 2)
         # forecast: per device, the readings still waiting for their target
-        self.waiting: dict[str, deque[tuple[np.ndarray, float, int]]] = {}
+        self.waiting: dict[str, deque[tuple[np.ndarray, Any, int]]] = {}
         self.dirty = True
+
+    def features_for(self, device: str, values: list[float]) -> np.ndarray:
+        self.dirty = True
+        return self.features.transform(device, values)
+
+    def predict(self, x: np.ndarray) -> Any:
+        """The served prediction: a value, P(class 1), or class probabilities."""
+        out = self.learner.predict_one(x)
+        return out[self.policy.serving()]
+
+    @property
+    def lr(self) -> float:
+        lr = self.learner.lr
+        return float(lr[self.policy.serving()]) if isinstance(lr, np.ndarray) else float(lr)
+
+    def learn(self, x: np.ndarray, y: float, predicted: Any) -> tuple[float | None, list[tuple[Any, ...]]]:
+        """Record the prediction made for ``x``, then take one step on ``(x, y)``.
+
+        Returns the anomaly score (regression) and the drift/decision events as
+        ``(detector, statistic, action, lr_before, lr_after, loss_before)`` tuples.
+        """
+        self.dirty = True
+        score: float | None = None
+        error: float | None = None
+        if self.task == "regression":
+            score = self.metrics.record_regression(y, float(predicted), self.learner.target.std)
+        else:
+            probs = np.array([1.0 - float(predicted), float(predicted)]) if self.task == "binary" \
+                else np.asarray(predicted, dtype=np.float64)
+            error = self.metrics.record_class(int(y), probs)
+        serving = self.policy.serving()
+        self.learner.lr = self.policy.lr()
+        loss = self.learner.learn_one(x, y)
+        events: list[tuple[Any, ...]] = []
+        if loss is None:
+            return score, events
+        t = self.learner.version
+        decision = self.policy.update(self.learner, loss, t)
+        if decision is not None:
+            events.append(("policy", None, decision.action, decision.lr_before, decision.lr_after,
+                           self.drift.loss.slow))
+        # classification is watched through its error rate: the log loss of a confident model on
+        # noisy labels keeps rising with no drift at all (measured on river's Hyperplane)
+        signal = self.drift.update(float(loss[serving]) if error is None else error, error)
+        if signal is not None:
+            lr_before = self.lr
+            decision = self.policy.on_drift(self.learner, t)
+            action, lr_after = (decision.action, decision.lr_after) if decision else ("none", lr_before)
+            events.append(("+".join(signal.detectors), signal.statistic, action, lr_before, lr_after,
+                           signal.loss_before))
+        return score, events
 
     def to_state(self, stream: str) -> SlotState:
         return SlotState(
@@ -153,8 +218,9 @@ class Slot:
                 "features": self.features.state(),
                 "metrics": self.metrics.state(),
                 "policy": self.policy.state(),
+                "drift": self.drift.state(),
                 "waiting": {
-                    d: [[x.tolist(), p, h] for x, p, h in q] for d, q in self.waiting.items()
+                    d: [[x.tolist(), _jsonable(p), h] for x, p, h in q] for d, q in self.waiting.items()
                 },
             },
         )
@@ -164,11 +230,20 @@ class Slot:
         self.features.load(saved.state["features"])
         self.metrics.load(saved.state["metrics"])
         self.policy.load(saved.state["policy"])
+        self.drift.load(saved.state["drift"])
         self.waiting = {
-            d: deque(((np.asarray(x, dtype=F32), float(p), int(h)) for x, p, h in q), maxlen=horizon)
+            d: deque(((np.asarray(x, dtype=F32), p, int(h)) for x, p, h in q), maxlen=horizon)
             for d, q in saved.state["waiting"].items()
         }
         self.dirty = False
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 class StreamRunner:
@@ -183,21 +258,20 @@ class StreamRunner:
         self.classes = list(config.classes) if config.classes is not None else None
         self.slots: dict[str, Slot] = {}
         self._topic_base = f"{topic_prefix}/{gateway}/{config.name}"
+        self.drift_topic = f"{self._topic_base}/drift"
         self._prediction_topics: dict[str, str] = {}
-        # topic labels: join id -> (slot key, x, prediction, payload hash, received_at)
+        # topic labels: join id -> (slot key, x, served prediction, payload hash, received_at)
         self.pending: OrderedDict[str, tuple[str, np.ndarray, Any, int, float]] = OrderedDict()
         self.counters = {
             "labels_unmatched": 0, "readings_expired": 0, "dead_letters": 0,
             "learned_count": 0, "learned_digest": 0,
         }
+        self.events: list[DriftEvent] = []  # since the last checkpoint
 
     # -- slots --------------------------------------------------------------------
 
     def slot_key(self, device: str) -> str:
         return device if self.config.per_device else SHARED
-
-    def has_room_for(self, device: str, limit: int) -> bool:
-        return self.slot_key(device) in self.slots or len(self.slots) < limit
 
     def _slot(self, device: str) -> Slot:
         key = self.slot_key(device)
@@ -211,15 +285,15 @@ class StreamRunner:
     def handle(self, row: InboxRow, reading: Reading, received_mono: float | None,
                now_mono: float) -> list[tuple[str, bytes]]:
         """Process one inbox row; returns ``(topic, payload)`` pairs to publish."""
+        out: list[tuple[str, bytes]] = []
         if reading.kind == "label":
-            self._on_label(reading)
-            return []
+            self._on_label(reading, row, out, received_mono is None)
+            return out
         if self.source == "topic":
             self._expire(row.received_at)
         slot = self._slot(reading.device)
-        slot.dirty = True
         slot.metrics.messages += 1
-        x = slot.features.transform(reading.device, reading.features)
+        x = slot.features_for(reading.device, reading.features)
         extra: dict[str, Any] = {}
         if self.source == "forecast":
             # learn from the reading `horizon` steps back first: its target is known now
@@ -230,45 +304,42 @@ class StreamRunner:
             assert y is not None
             if len(queue) == self.horizon:
                 old_x, old_pred, old_hash = queue.popleft()
-                extra["anomaly_score"] = self._learn(slot, old_x, y, old_pred, old_hash)
-            prediction = slot.learner.predict_one(x)
-            queue.append((x, float(prediction[0]), row.payload_hash))
+                extra["anomaly_score"] = self._learn(slot, old_x, y, old_pred, old_hash, row, out,
+                                                     received_mono is None)
+            prediction = slot.predict(x)
+            queue.append((x, float(prediction), row.payload_hash))
             extra["horizon"] = self.horizon
         else:
-            prediction = slot.learner.predict_one(x)
+            prediction = slot.predict(x)
             if self.source == "payload":
                 if reading.target is not None:
-                    self._learn(slot, x, reading.target, self._pred_value(prediction), row.payload_hash)
+                    self._learn(slot, x, reading.target, prediction, row.payload_hash, row, out,
+                                received_mono is None)
             else:
                 assert reading.join_id is not None
-                self._add_pending(reading.join_id, slot.key, x, self._pred_value(prediction),
+                self._add_pending(reading.join_id, slot.key, x, _jsonable(prediction),
                                   row.payload_hash, row.received_at)
-        return [(self._prediction_topic(reading.device),
-                 self._prediction_payload(row, reading, slot, prediction, received_mono, now_mono, extra))]
+        out.append((self._prediction_topic(reading.device),
+                    self._prediction_payload(row, reading, slot, prediction, received_mono, now_mono, extra)))
+        return out
 
-    def _pred_value(self, prediction: np.ndarray) -> Any:
-        """The copy-0 prediction as saved with a pending reading (float or list)."""
-        if self.task == "multiclass":
-            return [float(p) for p in prediction[0]]
-        return float(prediction[0])
-
-    def _learn(self, slot: Slot, x: np.ndarray, y: float, predicted: Any, phash: int) -> float | None:
-        """One learning step plus the prequential record of the prediction made for ``x``."""
-        score: float | None = None
-        if self.task == "regression":
-            score = slot.metrics.record_regression(y, float(predicted), slot.learner.target.std)
-        elif self.task == "binary":
-            p1 = float(predicted)
-            slot.metrics.record_class(int(y), np.array([1.0 - p1, p1]))
-        else:
-            slot.metrics.record_class(int(y), np.asarray(predicted))
-        slot.learner.lr = slot.policy.lr()
-        loss = slot.learner.learn_one(x, y)
-        if loss is not None:
-            slot.policy.update(float(loss[0]), slot.learner.version)
+    def _learn(self, slot: Slot, x: np.ndarray, y: float, predicted: Any, phash: int,
+               row: InboxRow, out: list[tuple[str, bytes]], replay: bool) -> float | None:
+        score, events = slot.learn(x, y, predicted)
         self.counters["learned_count"] += 1
         self.counters["learned_digest"] = (self.counters["learned_digest"] + phash) % _DIGEST_MOD
-        slot.dirty = True
+        for detector, statistic, action, lr_before, lr_after, loss_before in events:
+            event = DriftEvent(row.received_at, self.name, slot.key, slot.learner.version, detector,
+                               statistic, action, lr_before, lr_after, loss_before)
+            self.events.append(event)
+            body = {
+                "stream": self.name, "model": slot.key, "at": event.at, "step": event.step,
+                "detector": detector, "statistic": statistic, "action": action,
+                "lr_before": lr_before, "lr_after": lr_after, "loss_before": loss_before,
+            }
+            if replay:
+                body["replay"] = True
+            out.append((self.drift_topic, orjson.dumps(body)))
         return score
 
     def _add_pending(self, join_id: str, key: str, x: np.ndarray, pred: Any, phash: int, at: float) -> None:
@@ -289,18 +360,15 @@ class StreamRunner:
             del self.pending[join_id]
             self.counters["readings_expired"] += 1
 
-    def _on_label(self, reading: Reading) -> None:
+    def _on_label(self, reading: Reading, row: InboxRow, out: list[tuple[str, bytes]], replay: bool) -> None:
         assert reading.join_id is not None and reading.target is not None
         item = self.pending.pop(reading.join_id, None)
-        if item is None:
+        slot = None if item is None else self.slots.get(item[0])
+        if item is None or slot is None:
             self.counters["labels_unmatched"] += 1
             return
-        key, x, pred, phash, _ = item
-        slot = self.slots.get(key)
-        if slot is None:  # cannot happen unless the state was edited by hand
-            self.counters["labels_unmatched"] += 1
-            return
-        self._learn(slot, x, reading.target, pred, phash)
+        _, x, pred, phash, _ = item
+        self._learn(slot, x, reading.target, pred, phash, row, out, replay)
 
     # -- output ---------------------------------------------------------------------
 
@@ -311,7 +379,7 @@ class StreamRunner:
         return topic
 
     def _prediction_payload(
-        self, row: InboxRow, reading: Reading, slot: Slot, prediction: np.ndarray,
+        self, row: InboxRow, reading: Reading, slot: Slot, prediction: Any,
         received_mono: float | None, now_mono: float, extra: dict[str, Any],
     ) -> bytes:
         body: dict[str, Any] = {
@@ -321,15 +389,15 @@ class StreamRunner:
             "id": reading.msg_id if reading.msg_id is not None else reading.join_id,
         }
         if self.task == "regression":
-            body["prediction"] = float(prediction[0])
+            body["prediction"] = float(prediction)
         else:
-            probs = prediction[0] if self.task == "multiclass" else np.array([1 - prediction[0], prediction[0]])
+            p = float(prediction) if self.task == "binary" else 0.0
+            probs = np.array([1.0 - p, p]) if self.task == "binary" else np.asarray(prediction)
             names = self.classes if self.classes is not None else [0, 1]
-            best = int(np.argmax(probs))
-            body["prediction"] = names[best]
-            body["probabilities"] = {str(n): round(float(p), 6) for n, p in zip(names, probs)}
+            body["prediction"] = names[int(np.argmax(probs))]
+            body["probabilities"] = {str(n): round(float(q), 6) for n, q in zip(names, probs)}
         body["model_version"] = slot.learner.version
-        body["lr"] = slot.learner.lr
+        body["lr"] = slot.lr
         body.update(extra)
         if received_mono is None:
             body["replay"] = True
@@ -346,6 +414,10 @@ class StreamRunner:
                 out.append(slot.to_state(self.name))
                 slot.dirty = False
         return out
+
+    def take_events(self) -> list[DriftEvent]:
+        events, self.events = self.events, []
+        return events
 
     def state(self) -> dict[str, Any]:
         return {
@@ -376,7 +448,6 @@ class StreamRunner:
             vals = [v for v in values if v is not None]
             return sum(vals) / len(vals) if vals else None
 
-        lrs = [s.learner.lr for s in slots]
         return {
             "stream": self.name,
             "messages": sum(s.metrics.messages for s in slots),
@@ -387,5 +458,5 @@ class StreamRunner:
             "loss": mean([s.metrics.loss for s in slots]),
             "error": mean([s.metrics.error for s in slots]),
             "baseline_error": mean([s.metrics.baseline_error for s in slots]),
-            "lr": mean([float(lr) for lr in lrs if not isinstance(lr, np.ndarray)]),
+            "lr": mean([s.lr for s in slots]),
         }

@@ -89,3 +89,45 @@ def test_dead_letters_listing(filled_store: Path) -> None:
 def test_status_of_a_missing_store_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["status", "--store", str(tmp_path / "x.db")])
     assert result.exit_code == 1 and "no such store" in result.output
+
+
+@pytest.fixture
+def drifted_store(tmp_path: Path) -> Path:
+    store = tmp_path / "d.db"
+    cfg = parse_config({"store": {"path": str(store), "checkpoint_every_messages": 200}, "streams": [{
+        "name": "boiler", "topic": "s/+/b", "device": {"topic_level": 1}, "features": ["a", "b"],
+        "label": {"field": "y"}, "per_device": False, "schedule": {"policy": "drift_reset"}}]})
+    t = MemoryTransport()
+    agent = Agent(cfg, t, open_store(cfg))
+    agent.recover()
+    for m in SensorSimulator(cfg.streams[0], devices=2, seed=5, drift_at=2500).messages(4000):
+        t.inject(m.topic, m.payload)
+    while agent.step(timeout=0):
+        pass
+    agent.checkpoint("end")
+    agent.store.close()
+    return store
+
+
+def test_drift_history_listing(drifted_store: Path) -> None:
+    runner = CliRunner()
+    rows = json.loads(runner.invoke(main, ["drift", "--store", str(drifted_store), "--json"]).output)
+    drifts = [r for r in rows if r["detector"] != "policy"]
+    assert drifts and drifts[0]["action"] == "boost" and drifts[0]["device"] == "*"
+    assert json.loads(runner.invoke(main, ["drift", "--store", str(drifted_store), "--json",
+                                           "--stream", "elsewhere"]).output) == []
+    assert json.loads(runner.invoke(main, ["drift", "--store", str(drifted_store), "--json",
+                                           "--since", "1h"]).output) == rows
+    assert json.loads(runner.invoke(main, ["drift", "--store", str(drifted_store), "--json",
+                                           "--since", "2999-01-01"]).output) == []
+    table = runner.invoke(main, ["drift", "--store", str(drifted_store)])
+    assert table.exit_code == 0 and "boost" in table.output
+    bad = runner.invoke(main, ["drift", "--store", str(drifted_store), "--since", "yesterday"])
+    assert bad.exit_code == 2 and "expected 30m, 2h, 7d" in bad.output
+
+
+def test_plot_writes_one_png_per_stream(drifted_store: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["plot", "--store", str(drifted_store), "--out", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "plots" / "boiler.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

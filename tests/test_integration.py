@@ -213,3 +213,39 @@ def test_forecast_learns_without_labels(broker, tmp_path: Path) -> None:
     assert len(scores) == len(messages) - 2 * 5 and all(s >= 0 for s in scores)
     (row,) = reader.stream_status(reader.open_readonly(tmp_path / "s.db"))
     assert row["error"] < 0.5 * row["baseline_error"], row
+
+
+def test_a_drift_leaves_a_history_row_a_rate_change_and_a_message(broker, tmp_path: Path) -> None:
+    data = base_config(tmp_path / "s.db", broker.port, per_device=False,
+                       schedule={"policy": "drift_reset", "boost": 5.0, "half_life": 300},
+                       optimizer={"name": "sgd", "lr": 0.02})
+    data["mqtt"]["client_id"] = "drift-agent"
+    cfg = parse_config(data)
+    messages = list(SensorSimulator(cfg.streams[0], devices=2, seed=5, drift_at=2500).messages(5000))
+    watcher = Collector(broker.port, ["streamlearn/gw/boiler/drift", "streamlearn/gw/boiler/+/prediction"],
+                        client_id="drift-watcher")
+    agent, status = start_agent(tmp_path, data, broker.port)
+    try:
+        pub = Publisher("127.0.0.1", broker.port, client_id="drift-sensors")
+        pub.publish_all(messages, rate=2000)
+        assert pub.flush(30)
+        pub.close()
+        watcher.wait_count("/prediction", len(messages), timeout=60)
+        drift_messages = watcher.wait_count("/drift", 1, timeout=10)
+        assert agent.terminate() == 0
+    finally:
+        agent.stop_quietly()
+        watcher.close()
+        status.close()
+    conn = reader.open_readonly(tmp_path / "s.db")
+    events = [e for e in reader.drift_events(conn, stream="boiler") if e["detector"] != "policy"]
+    assert events, "no drift in the history"
+    first = events[0]
+    assert 2500 <= first["step"] < 2500 + 500  # found within 500 readings of the change
+    assert "page_hinkley" in first["detector"] and first["action"] == "boost"
+    assert first["lr_after"] == pytest.approx(5 * first["lr_before"])
+    body = orjson.loads(drift_messages[0][1])
+    assert body["action"] == "boost" and body["lr_after"] == pytest.approx(first["lr_after"])
+    # the boosted rate shows in the predictions published after the drift
+    rates = {orjson.loads(p)["lr"] for _, p in watcher.matching("/prediction")}
+    assert max(rates) == pytest.approx(first["lr_after"]) and min(rates) == pytest.approx(0.02)

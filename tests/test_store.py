@@ -91,8 +91,20 @@ def test_reader_errors_are_clear(tmp_path: Path) -> None:
         reader.open_readonly(other)
 
 
-def test_migrations_are_recorded(store_path: Path) -> None:
+def test_an_old_store_is_migrated_and_migrations_are_recorded(store_path: Path) -> None:
+    from sqlite_utils import Database
+
+    from streamlearn.store.schema import migrations
+
+    old = Database(store_path)
+    migrations.apply(old, stop_before="m002_drift_events")  # a store written by the first release
+    old.execute("INSERT INTO checkpoints (created_at, position, slots_written, bytes_written, duration_ms, reason)"
+                " VALUES (1, 5, 0, 0, 0, 'old')")
+    old.conn.commit()
+    old.close()
     SQLiteStore(store_path).close()
-    names = [r[0] for r in sqlite3.connect(store_path).execute("SELECT name FROM _sqlite_migrations")]
-    assert names == ["m001_initial"]
+    conn = sqlite3.connect(store_path)
+    assert [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")] == ["m001_initial", "m002_drift_events"]
+    assert conn.execute("SELECT position FROM checkpoints").fetchone() == (5,)
+    assert conn.execute("SELECT count(*) FROM drift_events").fetchone() == (0,)
     SQLiteStore(store_path).close()  # applying again is a no-op

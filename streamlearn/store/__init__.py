@@ -4,7 +4,7 @@
 opens the same file read-only for the CLI while the agent runs.
 """
 
-from streamlearn.store.records import Checkpoint, DeadLetter, InboxRow, SlotState
+from streamlearn.store.records import Checkpoint, DeadLetter, DriftEvent, InboxRow, SlotState
 from streamlearn.store.sqlite import SQLiteStore, Store
 
-__all__ = ["Checkpoint", "DeadLetter", "InboxRow", "SQLiteStore", "SlotState", "Store"]
+__all__ = ["Checkpoint", "DeadLetter", "DriftEvent", "InboxRow", "SQLiteStore", "SlotState", "Store"]

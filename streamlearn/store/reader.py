@@ -123,3 +123,54 @@ def model_states(conn: sqlite3.Connection, stream: str) -> list[dict[str, Any]]:
         out.append({"model_key": key, "updated_at": updated, **s["metrics"],
                     "n_learned": s["learner"]["n_learned"], "n_skipped": s["learner"]["n_skipped"]})
     return out
+
+
+def drift_events(conn: sqlite3.Connection, stream: str | None = None, device: str | None = None,
+                 since: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Drift detections and learning-rate decisions, oldest first."""
+    where, params = [], []
+    if stream is not None:
+        where.append("stream = ?")
+        params.append(stream)
+    if device is not None:
+        where.append("model_key = ?")
+        params.append(device)
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    sql = ("SELECT id, at, stream, model_key AS device, step, detector, statistic, action, lr_before, lr_after,"
+           " loss_before FROM drift_events")
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id"
+    if limit is not None:
+        sql = f"SELECT * FROM ({sql[:-len(' ORDER BY id')]} ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id"
+    return rows(conn, sql, tuple(params))
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``1h``, ``30m``, ``2d``, ``45s``, an ISO date/time, or epoch seconds -> epoch seconds.
+
+    >>> parse_since("2h", now=10_000.0)
+    2800.0
+    >>> parse_since("1970-01-02T00:00:00+00:00")
+    86400.0
+    """
+    import datetime as dt
+
+    now = time.time() if now is None else now
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    text = text.strip()
+    if text[:-1].replace(".", "", 1).isdigit() and text[-1:] in units:
+        return now - float(text[:-1]) * units[text[-1]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since {text!r}: expected 30m, 2h, 7d, an ISO date/time or epoch seconds") from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return when.timestamp()

@@ -52,3 +52,23 @@ class Checkpoint:
     position: int
     slots: list[SlotState] = field(default_factory=list)
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class DriftEvent:
+    """One drift detection or learning-rate decision, as stored in ``drift_events``.
+
+    ``detector`` names the detectors that agreed, or ``policy`` for a decision the
+    policy took on its own (a plateau, a population re-spread).
+    """
+
+    at: float
+    stream: str
+    model_key: str
+    step: int
+    detector: str
+    statistic: float | None
+    action: str
+    lr_before: float
+    lr_after: float
+    loss_before: float | None

@@ -100,3 +100,25 @@ def m001_initial(db: Database) -> None:
     )
     db.execute("CREATE INDEX metrics_stream_at ON metrics(stream, at)")
     db.execute("CREATE TABLE agent_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+@migrations()
+def m002_drift_events(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE drift_events (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            stream TEXT NOT NULL,
+            model_key TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            detector TEXT NOT NULL,
+            statistic REAL,
+            action TEXT NOT NULL,
+            lr_before REAL NOT NULL,
+            lr_after REAL NOT NULL,
+            loss_before REAL
+        )
+        """
+    )
+    db.execute("CREATE INDEX drift_events_stream_at ON drift_events(stream, model_key, at)")

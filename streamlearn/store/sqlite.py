@@ -32,7 +32,7 @@ from safetensors.numpy import save as save_tensors
 from sqlite_utils import Database
 
 from streamlearn.errors import StoreError, StoreLockedError
-from streamlearn.store.records import Checkpoint, DeadLetter, InboxRow, SlotState
+from streamlearn.store.records import Checkpoint, DeadLetter, DriftEvent, InboxRow, SlotState
 from streamlearn.store.schema import migrations
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Store(Protocol):
         streams: dict[str, dict[str, Any]],
         metrics: list[dict[str, Any]],
         reason: str,
+        events: list[DriftEvent] | None = None,
     ) -> int: ...
 
     def close(self) -> None: ...
@@ -249,8 +250,9 @@ class SQLiteStore:
         streams: dict[str, dict[str, Any]],
         metrics: list[dict[str, Any]],
         reason: str,
+        events: list[DriftEvent] | None = None,
     ) -> int:
-        """Store changed slots, stream states and metrics at ``position`` atomically."""
+        """Store changed slots, stream states, metrics and drift events at ``position`` atomically."""
         started = time.perf_counter()
         now = time.time()
         n_bytes = 0
@@ -285,6 +287,13 @@ class SQLiteStore:
                     " :skipped, :dead_letters, :loss, :error, :baseline_error, :lr)",
                     [{"at": now, **m} for m in metrics],
                 )
+            if events:
+                cur.executemany(
+                    "INSERT INTO drift_events (at, stream, model_key, step, detector, statistic, action,"
+                    " lr_before, lr_after, loss_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(e.at, e.stream, e.model_key, e.step, e.detector, e.statistic, e.action, e.lr_before,
+                      e.lr_after, e.loss_before) for e in events],
+                )
             self._prune(cur, position, now)
             cur.execute(
                 "UPDATE checkpoints SET bytes_written = ?, duration_ms = ? WHERE id = ?",
@@ -301,6 +310,7 @@ class SQLiteStore:
             (self.dead_letter_retention,),
         )
         cur.execute("DELETE FROM metrics WHERE at < ?", (now - self.metrics_retention_seconds,))
+        cur.execute("DELETE FROM drift_events WHERE at < ?", (now - self.metrics_retention_seconds,))
         cur.execute(
             "DELETE FROM checkpoints WHERE id <= (SELECT max(id) FROM checkpoints) - 10000"
         )
