@@ -68,6 +68,7 @@ def stream_status(conn: sqlite3.Connection, now: float | None = None) -> list[di
             "models": models,
             "messages": r["messages"],
             "labelled": r["labelled"],
+            "batched": r["batched"],
             "learned": r["learned"],
             "skipped": r["skipped"],
             "dead_letters": dead,
@@ -174,3 +175,13 @@ def parse_since(text: str, now: float | None = None) -> float:
     if when.tzinfo is None:
         when = when.astimezone()
     return when.timestamp()
+
+
+def health(path: str | Path) -> dict[str, Any] | None:
+    """The agent's last health report written next to the store, or None."""
+    target = Path(path).with_name(Path(path).name + ".health.json")
+    try:
+        data = orjson.loads(target.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

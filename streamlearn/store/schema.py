@@ -122,3 +122,9 @@ def m002_drift_events(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX drift_events_stream_at ON drift_events(stream, model_key, at)")
+
+
+@migrations()
+def m003_metrics_batched(db: Database) -> None:
+    # labelled readings learned in micro-batches under a backlog (not strictly test-then-train)
+    db.execute("ALTER TABLE metrics ADD COLUMN batched INTEGER NOT NULL DEFAULT 0")

@@ -2,12 +2,19 @@
 
 Durability rules this module keeps:
 
-* ``append`` commits the received messages (inbox rows and dead letters) in one
-  transaction; the transport acknowledges them only after it returns.
+* A batch of received messages is staged (``begin``, ``stage``: inbox rows and
+  dead letters, positions assigned) and made durable by ``commit``; the transport
+  acknowledges them only after ``commit`` returns. The agent may predict and learn
+  from staged rows before committing (so the fsync is not on the prediction
+  path); if the commit fails it discards that in-memory state and reloads.
 * ``write_checkpoint`` stores every changed model, the per-stream state and the
   inbox position they reflect in one transaction, so a restart resumes from a
   state and a position that belong together; the inbox rows after the position
-  are replayed.
+  are replayed. Inside a staged batch it joins the batch's transaction; alone it
+  commits without an fsync (``synchronous=NORMAL``): a checkpoint lost to a power
+  cut only means a longer replay, because the next fsynced commit of the WAL
+  carries it anyway.
+* The WAL is truncated back to 4 MiB after readers let go (``journal_size_limit``).
 * Tensors are stored with safetensors, small state as JSON: loading a store never
   unpickles anything.
 * One process at a time: an exclusive ``flock`` on ``<store>.lock``.
@@ -105,6 +112,10 @@ class SQLiteStore:
         self.dead_letter_payload_bytes = dead_letter_payload_bytes
         self.metrics_retention_seconds = metrics_retention_seconds
         self._fault = fault_hook or (lambda point: None)
+        self.synchronous = synchronous.upper()
+        self._in_batch = False
+        self._batch_checkpoint: tuple[int, float] | None = None  # (id, started) of a checkpoint in the batch
+        self.last_checkpoint_ms = 0.0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -115,7 +126,7 @@ class SQLiteStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._conn.execute("PRAGMA busy_timeout=5000")
-            self._conn.execute("PRAGMA journal_size_limit=67108864")
+            self._conn.execute("PRAGMA journal_size_limit=4194304")
             migrations.apply(Database(self._conn))
         except sqlite3.DatabaseError as exc:
             self._release_lock()
@@ -160,11 +171,6 @@ class SQLiteStore:
         self._conn = None  # type: ignore[assignment]
         self._release_lock()
 
-    # -- transactions --------------------------------------------------------------
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn, self.path)
-
     # -- inbox -------------------------------------------------------------------
 
     def find_key(self, msg_key: str) -> int | None:
@@ -186,7 +192,34 @@ class SQLiteStore:
         Sets ``seq`` on every row. When this returns the messages are durable and
         may be acknowledged; when it raises, nothing was stored.
         """
-        with self._transaction() as cur:
+        self.begin()
+        try:
+            self.stage(rows, dead)
+        except StoreError:
+            self.rollback()
+            raise
+        self.commit()
+
+    # -- staged batches ----------------------------------------------------------------
+
+    @property
+    def in_batch(self) -> bool:
+        return self._in_batch
+
+    def begin(self) -> None:
+        """Open the batch transaction."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from None
+        self._in_batch = True
+        self._batch_checkpoint = None
+
+    def stage(self, rows: list[InboxRow], dead: list[DeadLetter]) -> None:
+        """Insert rows (setting their ``seq``) and dead letters into the open batch."""
+        assert self._in_batch, "stage() needs begin()"
+        cur = self._conn.cursor()
+        try:
             for row in rows:
                 cur.execute(
                     "INSERT INTO inbox (received_at, topic, stream, kind, device, msg_key, payload_hash, payload)"
@@ -203,6 +236,35 @@ class SQLiteStore:
                     [(d.received_at, d.topic, d.stream, d.reason, d.detail, len(d.payload), d.payload[:limit])
                      for d in dead],
                 )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: write failed: {exc}") from None
+
+    def commit(self) -> None:
+        """Make the batch durable; on failure everything staged is gone and StoreError is raised."""
+        assert self._in_batch, "commit() needs begin()"
+        checkpoint = self._batch_checkpoint
+        if checkpoint is not None:
+            self._fault("checkpoint:before_commit")
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.rollback()
+            raise StoreError(f"{self.path}: commit failed: {exc}") from None
+        finally:
+            self._in_batch = False
+            self._batch_checkpoint = None
+        if checkpoint is not None:
+            self._fault("checkpoint:after_commit")
+            self._record_duration(*checkpoint)
+
+    def rollback(self) -> None:
+        self._in_batch = False
+        self._batch_checkpoint = None
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            # no transaction is active after some failed commits; that is fine
+            logger.debug("rollback of %s: %s", self.path, exc)
 
     def inbox_after(self, position: int, limit: int) -> list[InboxRow]:
         """Up to ``limit`` inbox rows after ``position``, in order."""
@@ -251,12 +313,42 @@ class SQLiteStore:
         metrics: list[dict[str, Any]],
         reason: str,
         events: list[DriftEvent] | None = None,
+        started: float | None = None,
     ) -> int:
-        """Store changed slots, stream states, metrics and drift events at ``position`` atomically."""
-        started = time.perf_counter()
+        """Store changed slots, stream states, metrics and drift events at ``position`` atomically.
+
+        Inside a staged batch the checkpoint becomes part of the batch's transaction;
+        otherwise it is its own transaction, committed without an fsync. ``started``
+        (a ``time.perf_counter()`` value) is when the caller began collecting the
+        state, so the recorded duration is the whole stall.
+        """
+        started = time.perf_counter() if started is None else started
+        if self._in_batch:
+            checkpoint_id = self._write_checkpoint_rows(position, slots, streams, metrics, reason, events)
+            self._batch_checkpoint = (checkpoint_id, started)
+            return checkpoint_id
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self.begin()
+            try:
+                checkpoint_id = self._write_checkpoint_rows(position, slots, streams, metrics, reason, events)
+            except StoreError:
+                self.rollback()
+                raise
+            self._batch_checkpoint = (checkpoint_id, started)
+            self.commit()
+        finally:
+            self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        return checkpoint_id
+
+    def _write_checkpoint_rows(
+        self, position: int, slots: list[SlotState], streams: dict[str, dict[str, Any]],
+        metrics: list[dict[str, Any]], reason: str, events: list[DriftEvent] | None,
+    ) -> int:
         now = time.time()
         n_bytes = 0
-        with self._transaction() as cur:
+        cur = self._conn.cursor()
+        try:
             cur.execute(
                 "INSERT INTO checkpoints (created_at, position, slots_written, bytes_written, duration_ms, reason)"
                 " VALUES (?, ?, ?, 0, 0, ?)",
@@ -282,9 +374,9 @@ class SQLiteStore:
                 )
             if metrics:
                 cur.executemany(
-                    "INSERT INTO metrics (at, stream, messages, labelled, learned, skipped, dead_letters,"
-                    " loss, error, baseline_error, lr) VALUES (:at, :stream, :messages, :labelled, :learned,"
-                    " :skipped, :dead_letters, :loss, :error, :baseline_error, :lr)",
+                    "INSERT INTO metrics (at, stream, messages, labelled, batched, learned, skipped, dead_letters,"
+                    " loss, error, baseline_error, lr) VALUES (:at, :stream, :messages, :labelled, :batched,"
+                    " :learned, :skipped, :dead_letters, :loss, :error, :baseline_error, :lr)",
                     [{"at": now, **m} for m in metrics],
                 )
             if events:
@@ -295,13 +387,22 @@ class SQLiteStore:
                       e.lr_after, e.loss_before) for e in events],
                 )
             self._prune(cur, position, now)
-            cur.execute(
-                "UPDATE checkpoints SET bytes_written = ?, duration_ms = ? WHERE id = ?",
-                (n_bytes, (time.perf_counter() - started) * 1000.0, checkpoint_id),
-            )
-            self._fault("checkpoint:before_commit")
-        self._fault("checkpoint:after_commit")
+            cur.execute("UPDATE checkpoints SET bytes_written = ? WHERE id = ?", (n_bytes, checkpoint_id))
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: checkpoint write failed: {exc}") from None
         return checkpoint_id
+
+    def _record_duration(self, checkpoint_id: int, started: float) -> None:
+        """Store the whole stall (collecting, writing, committing) of a committed checkpoint."""
+        self.last_checkpoint_ms = (time.perf_counter() - started) * 1000.0
+        try:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("UPDATE checkpoints SET duration_ms = ? WHERE id = ?",
+                               (self.last_checkpoint_ms, checkpoint_id))
+        except sqlite3.Error as exc:  # only a figure is lost
+            logger.warning("could not record the checkpoint's duration: %s", exc)
+        finally:
+            self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def _prune(self, cur: sqlite3.Cursor, position: int, now: float) -> None:
         cur.execute("DELETE FROM inbox WHERE seq <= ?", (position - self.inbox_retention,))
@@ -317,48 +418,20 @@ class SQLiteStore:
 
     # -- info ------------------------------------------------------------------------
 
-    def set_info(self, key: str, value: str) -> None:
-        with self._transaction() as cur:
-            cur.execute("INSERT OR REPLACE INTO agent_info (key, value) VALUES (?, ?)", (key, value))
+
+    def write_health(self, payload: bytes) -> None:
+        """Best effort: the agent's health JSON next to the store, replaced atomically.
+
+        It is how ``streamlearn status`` learns about errors the store itself cannot
+        record (a full disk); when even this small write fails, only the log has it.
+        """
+        target = self.path.with_name(self.path.name + ".health.json")
+        tmp = target.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(payload)
+            os.replace(tmp, target)
+        except OSError as exc:
+            logger.debug("could not write %s: %s", target, exc)
 
     def integrity_check(self) -> str:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error.
-
-    SQLite errors become a StoreError naming the file; nothing of a failed
-    transaction stays in the database.
-    """
-
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
-        self._path = path
-
-    def __enter__(self) -> sqlite3.Cursor:
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self._path}: cannot start a transaction: {exc}") from None
-        return self._conn.cursor()
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            try:
-                self._conn.execute("COMMIT")
-                return
-            except sqlite3.Error as commit_error:
-                self._rollback()
-                raise StoreError(f"{self._path}: commit failed: {commit_error}") from None
-        self._rollback()
-        if isinstance(exc, sqlite3.Error):
-            raise StoreError(f"{self._path}: write failed: {exc}") from None
-
-    def _rollback(self) -> None:
-        try:
-            self._conn.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            # no transaction is active after some failed commits; that is fine
-            logger.debug("rollback of %s: %s", self._path, exc)
-
