@@ -94,6 +94,15 @@ class Learner:
         Initialisation seed.
     population
         Number of copies trained side by side; ``lr`` may then be a ``(k,)`` array.
+    outlier_z
+        Regression: once 100 targets are in, a target further than this many
+        standard deviations from their mean is skipped (and counted in
+        ``n_outliers`` and ``n_skipped``), so one label x1e6 cannot wreck the
+        target scaling; ``accept_after`` such targets in a row mean the level
+        really moved, and the target statistics start again from there.
+    scratch
+        Where learners that are never stepped at the same time share their
+        gradient buffer.
     """
 
     def __init__(
@@ -103,6 +112,9 @@ class Learner:
         optimizer: OptimizerConfig,
         seed: int = 0,
         population: int = 1,
+        outlier_z: float | None = None,
+        accept_after: int = 100,
+        scratch: dict[tuple[int, int], np.ndarray] | None = None,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -112,18 +124,27 @@ class Learner:
         self.task = task
         self.optimizer_config = optimizer
         self.clip_norm = optimizer.clip_norm
-        self.net = FusedMLP(shape, population=population, seed=seed)
+        grads = None
+        if scratch is not None:  # one gradient buffer per shape, shared by a stream's models
+            grads = scratch.setdefault((population, shape.n_params),
+                                       np.zeros((population, shape.n_params), dtype=F32))
+        self.net = FusedMLP(shape, population=population, seed=seed, grads=grads)
         self.k = population
         self.optimizer = make_optimizer(optimizer, self.net.params.shape)
         self.target = TargetScaler()
         self._lr: float | np.ndarray = optimizer.lr
         self.n_learned = 0
         self.n_skipped = 0
+        self.n_outliers = 0
+        self.outlier_z = outlier_z
+        self.accept_after = accept_after
+        self._outlier_run = 0
         self.version = 0
         self._cached_x: np.ndarray | None = None
         self._cached_version = -1
         self._cached_out: np.ndarray | None = None
-        self.last_wrong: np.ndarray | None = None  # classification: per copy, was the last sample misclassified
+        # classification: per copy, was the last sample misclassified (the share, for a micro-batch)
+        self.last_wrong: np.ndarray | None = None
 
     # -- learning rate --------------------------------------------------------
 
@@ -175,8 +196,26 @@ class Learner:
 
     # -- learn ------------------------------------------------------------------
 
+    def _outlier(self, y: float) -> bool:
+        """True when ``y`` is to be skipped as an outlier (regression only)."""
+        if self.outlier_z is None or self.target.n < 100 or not math.isfinite(y):
+            return False
+        if abs(y - self.target.mean) <= self.outlier_z * self.target.std:
+            self._outlier_run = 0
+            return False
+        self._outlier_run += 1
+        if self._outlier_run >= self.accept_after:  # not a spike: the level moved; follow it
+            self.target = TargetScaler()
+            self._outlier_run = 0
+            return False
+        self.n_outliers += 1
+        return True
+
     def learn_one(self, x: np.ndarray, y: float) -> np.ndarray | None:
         """One SGD step on ``(x, y)``; returns the loss per copy, or None when skipped."""
+        if self.task == "regression" and self._outlier(y):
+            self.n_skipped += 1
+            return None
         out = self._forward_one(x)
         if self.task == "regression":
             self.target.update(y)
@@ -203,6 +242,13 @@ class Learner:
 
     def learn_many(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray | None:
         """One step on a micro-batch (mean loss over the batch, as torch's default reduction)."""
+        if self.task == "regression" and self.outlier_z is not None:
+            keep = np.array([not self._outlier(float(y)) for y in Y], dtype=bool)
+            if not keep.all():
+                self.n_skipped += int((~keep).sum())
+                X, Y = X[keep], Y[keep]
+                if len(Y) == 0:
+                    return None
         B = X.shape[0]
         out = self.net.forward(X)  # (k, B, n_out)
         if self.task == "regression":
@@ -217,6 +263,7 @@ class Learner:
             y32 = Y.astype(F32)
             loss = (np.maximum(z, 0) - z * y32 + np.log1p(np.exp(-np.abs(z)))).mean(axis=1)
             d_out = ((_sigmoid(z) - y32) / B)[..., None]
+            self.last_wrong = ((z > 0) != (y32 > 0.5)).mean(axis=1)
         else:
             cls = Y.astype(np.int64)
             shifted = out - out.max(axis=2, keepdims=True)
@@ -224,6 +271,7 @@ class Learner:
             total = expz.sum(axis=2, keepdims=True)
             picked = np.take_along_axis(shifted, cls[None, :, None].repeat(self.k, 0), axis=2)[..., 0]
             loss = (np.log(total[..., 0]) - picked).mean(axis=1)
+            self.last_wrong = (out.argmax(axis=2) != cls[None, :]).mean(axis=1)
             d_out = expz / total
             d_out[:, np.arange(B), cls] -= 1.0
             d_out /= B
@@ -274,6 +322,8 @@ class Learner:
             "task": self.task,
             "n_learned": self.n_learned,
             "n_skipped": self.n_skipped,
+            "n_outliers": self.n_outliers,
+            "outlier_run": self._outlier_run,
             "version": self.version,
             "target": self.target.state(),
             "optimizer": self.optimizer.state_scalars(),
@@ -294,6 +344,8 @@ class Learner:
         )
         self.n_learned = int(scalars["n_learned"])
         self.n_skipped = int(scalars["n_skipped"])
+        self.n_outliers = int(scalars.get("n_outliers", 0))
+        self._outlier_run = int(scalars.get("outlier_run", 0))
         self.version = int(scalars["version"])
         self.target.load(scalars["target"])
         lr = scalars["lr"]

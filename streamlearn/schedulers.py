@@ -347,7 +347,7 @@ class Population:
     name = "population"
 
     def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0, size: int = 5,
-                 spread: float = 3.0, alpha: float = 0.02, period: int = 500, by_error: bool = True,
+                 spread: float = 3.0, alpha: float = 0.01, period: int = 500, by_error: bool = True,
                  margin: float = 0.0) -> None:
         if size < 2:
             raise ValueError(f"a population needs at least 2 copies, got {size}")

@@ -84,6 +84,9 @@ class SensorSimulator:
         Every n-th message is a bad payload (0: none).
     boot
         The boot id stamped into readings (a restarted sensor gets a new one).
+    period_range
+        The fields' periods, in readings of one device: short periods make a
+        stream whose inputs keep moving (a model only knows the recent past).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class SensorSimulator:
         noise: float = 0.05,
         bad_every: int = 0,
         boot: str = "b0",
+        period_range: tuple[float, float] = (50.0, 400.0),
     ) -> None:
         self.stream = stream
         self.devices = [f"dev{i:03d}" for i in range(devices)]
@@ -105,7 +109,7 @@ class SensorSimulator:
         self.boot = boot
         n = len(stream.features)
         self._phase = self.rng.uniform(0, 2 * math.pi, size=(devices, n))
-        self._period = self.rng.uniform(50, 400, size=(devices, n))
+        self._period = self.rng.uniform(*period_range, size=(devices, n))
         self._offset = self.rng.uniform(10, 30, size=(devices, n))
         self._amp = self.rng.uniform(2, 10, size=(devices, n))
         self._w = [self.rng.normal(size=(n, 16)), self.rng.normal(size=(n, 16))]

@@ -96,7 +96,8 @@ def drifted_store(tmp_path: Path) -> Path:
     store = tmp_path / "d.db"
     cfg = parse_config({"store": {"path": str(store), "checkpoint_every_messages": 200}, "streams": [{
         "name": "boiler", "topic": "s/+/b", "device": {"topic_level": 1}, "features": ["a", "b"],
-        "label": {"field": "y"}, "per_device": False, "schedule": {"policy": "drift_reset"}}]})
+        "label": {"field": "y"}, "per_device": False, "schedule": {"policy": "drift_reset"},
+        "optimizer": {"lr": 0.02}}]})
     t = MemoryTransport()
     agent = Agent(cfg, t, open_store(cfg))
     agent.recover()

@@ -321,6 +321,14 @@ def drift_figures(errors: np.ndarray, drifts: tuple[int, ...], window: int) -> t
     return (statistics.fmean(after) if after else None, statistics.fmean(recover) if recover else None)
 
 
+def _load_models() -> None:
+    """Import everything a worker will run at its start, so the whole run uses one version."""
+    import river.datasets  # noqa: F401
+    import river.forest  # noqa: F401
+
+    import streamlearn.stream  # noqa: F401
+
+
 def _run_one(job: tuple[BenchStream, Contender, int, int]) -> RunResult:
     spec, contender, seed, window = job
     n_features = len(next(iter(samples(spec, seed)))[0])
@@ -364,7 +372,7 @@ def run_accuracy(streams: list[str] | None = None, seeds: list[int] | None = Non
             if progress:
                 progress(i + 1, len(jobs))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_load_models) as pool:
             for i, result in enumerate(pool.map(_run_one, jobs, chunksize=1)):
                 results.append(result)
                 if progress:

@@ -33,6 +33,9 @@ class FusedMLP:
     seed
         Seed of the initialisation, drawn as torch's ``nn.Linear`` default:
         U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+    grads
+        A ``(k, n_params)`` buffer to share with other networks of the same shape
+        that are never stepped at the same time (saves memory per device model).
 
     >>> import numpy as np
     >>> net = FusedMLP(ModelShape(n_in=3, hidden=(4,), n_out=1), seed=0)
@@ -40,14 +43,18 @@ class FusedMLP:
     (1, 1)
     """
 
-    def __init__(self, shape: ModelShape, population: int = 1, seed: int = 0) -> None:
+    def __init__(self, shape: ModelShape, population: int = 1, seed: int = 0,
+                 grads: np.ndarray | None = None) -> None:
         if population < 1:
             raise ValueError(f"population must be at least 1, got {population}")
         self.shape = shape
         self.k = population
         self.n_params = shape.n_params
         self.params = np.empty((population, self.n_params), dtype=F32)
-        self.grads = np.zeros((population, self.n_params), dtype=F32)
+        if grads is not None and grads.shape != (population, self.n_params):
+            raise ValueError(f"a shared gradient buffer must have shape {(population, self.n_params)}")
+        # gradients only live through one step: models stepped one at a time may share them
+        self.grads = np.zeros((population, self.n_params), dtype=F32) if grads is None else grads
         self._names: list[str] = []
         self._W: list[np.ndarray] = []
         self._b: list[np.ndarray] = []
