@@ -4,21 +4,29 @@ One pass of the loop::
 
     transport.receive(batch)
       -> decode + validate each message (bad ones become dead letters)
-      -> drop redeliveries (Deduper)
-      -> store.append(inbox rows, dead letters)   one committed transaction
-      -> transport.ack(batch)                      only now
-      -> for each new inbox row, in order: StreamRunner.handle -> publish predictions
-      -> every N messages or T seconds: store.write_checkpoint(position, state)
+      -> drop redeliveries; reject sequence numbers that go backwards
+      -> store.begin; store.stage(inbox rows, dead letters)       positions assigned
+      -> for each new row, in order: StreamRunner.handle -> publish predictions;
+         every N rows or T seconds a checkpoint joins the batch's transaction
+      -> store.commit (the fsync)  -> transport.ack(batch)  -> publish dead letters
 
-On start the agent loads the last checkpoint and replays the inbox rows after its
-position through the same runners before it connects, so every stored message is
-learned exactly once however the previous run ended.
+Predictions go out before the commit, so the fsync is not on their path. If the
+commit fails, nothing is acknowledged (the broker will deliver the batch again)
+and the in-memory state, which has learned from rows that are not stored, is
+thrown away and rebuilt from the last checkpoint and the stored inbox.
+
+On start the agent connects, loads the last checkpoint and replays the inbox rows
+after its position through the same runners (their predictions are published
+again, marked ``"replay": true``), so every stored message is learned exactly
+once however the previous run ended.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from typing import Any
 
 import orjson
@@ -27,7 +35,7 @@ from streamlearn.clock import Clock, SystemClock
 from streamlearn.codec import Codec, Reading
 from streamlearn.config import Config
 from streamlearn.dedupe import NEW, Deduper, payload_hash
-from streamlearn.errors import DecodeError, StoreError
+from streamlearn.errors import DecodeError, StoreError, TransportError
 from streamlearn.store import DeadLetter, InboxRow, SQLiteStore, Store
 from streamlearn.stream import StreamRunner
 from streamlearn.transport import Message, Transport
@@ -36,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 REPLAY_CHUNK = 1000
 MAX_DEVICES_PER_STREAM = 10_000
+HEALTH_EVERY_SECONDS = 10.0
 
 
 class Agent:
@@ -61,22 +70,33 @@ class Agent:
         self.codec = Codec(config.streams)
         self.deduper = Deduper(store)
         prefix, gateway = config.mqtt.topic_prefix, config.agent.gateway
-        self.runners = {s.name: StreamRunner(s, prefix, gateway) for s in config.streams}
+        self.runners = self._new_runners()
         self.dead_letter_topic = f"{prefix}/{gateway}/dead-letter"
+        self.health_topic = f"{prefix}/{gateway}/health"
         self.position = 0
         self.counters = {"received": 0, "redeliveries": 0, "dead_letters": 0, "processed": 0,
-                         "replayed": 0, "checkpoints": 0, "store_errors": 0, "internal_errors": 0}
+                         "replayed": 0, "checkpoints": 0, "store_errors": 0, "internal_errors": 0,
+                         "reloads": 0}
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
+        self._last_health = 0.0
         self._recovered = False
+        self._uncommitted = False  # the in-memory state has learned from rows not yet committed
         self._stop = threading.Event()
         self.last_error: str | None = None
+        self.last_checkpoint_ms: float | None = None
+        self.max_checkpoint_ms = 0.0
+
+    def _new_runners(self) -> dict[str, StreamRunner]:
+        prefix, gateway = self.config.mqtt.topic_prefix, self.config.agent.gateway
+        return {s.name: StreamRunner(s, prefix, gateway) for s in self.config.streams}
 
     # -- start-up ------------------------------------------------------------------
 
     def recover(self) -> int:
         """Load the last checkpoint and replay the inbox after it; returns rows replayed."""
         checkpoint = self.store.load_checkpoint()
+        self.position = 0
         if checkpoint is not None:
             by_stream: dict[str, list[Any]] = {}
             for slot in checkpoint.slots:
@@ -95,6 +115,7 @@ class Agent:
             self.position = checkpoint.position
             logger.info("resumed checkpoint %d at inbox position %d (%d models)",
                         checkpoint.id, checkpoint.position, len(checkpoint.slots))
+        self._since_checkpoint = 0
         replayed = 0
         while True:
             rows = self.store.inbox_after(self.position, REPLAY_CHUNK)
@@ -116,22 +137,36 @@ class Agent:
         self._recovered = True
         return replayed
 
+    def _reload(self) -> None:
+        """Forget the in-memory state and rebuild it from the store (after a failed commit)."""
+        self.counters["reloads"] += 1
+        self.runners = self._new_runners()
+        self.recover()
+
     # -- the loop --------------------------------------------------------------------
 
     def run(self, stop: threading.Event, max_messages: int | None = None) -> None:
-        """Recover, connect and process until ``stop`` is set (or ``max_messages`` processed)."""
+        """Connect, recover and process until ``stop`` is set (or ``max_messages`` processed)."""
         self._stop = stop
-        if not self._recovered:
-            self.recover()
         self.transport.start(self.codec.subscriptions)
         try:
+            if not self._recovered:
+                self.recover()
+            self.publish_health()
             while not stop.is_set():
                 self.step(timeout=0.2)
+                fatal = getattr(self.transport, "fatal_error", None)
+                if fatal:
+                    raise TransportError(fatal)
                 if max_messages is not None and self.counters["processed"] >= max_messages:
                     break
         finally:
-            self._final_checkpoint()
-            self.transport.stop()
+            try:
+                if self._since_checkpoint:
+                    self.checkpoint("shutdown")
+            finally:
+                self.publish_health(state="stopped")
+                self.transport.stop()
 
     def step(self, timeout: float = 0.2) -> int:
         """Take one batch from the transport and process it; returns messages taken."""
@@ -139,22 +174,55 @@ class Agent:
         if batch:
             self.ingest(batch)
         self.maybe_checkpoint()
+        if self.clock.monotonic() - self._last_health >= HEALTH_EVERY_SECONDS:
+            self.publish_health()
         return len(batch)
 
     def ingest(self, batch: list[Message]) -> None:
-        """Validate, store, acknowledge, then process one batch of messages."""
+        """Validate, stage, process, commit, then acknowledge one batch of messages.
+
+        On a store error nothing is acknowledged; the agent waits and tries the
+        same batch again (after rebuilding its state if it had processed rows).
+        """
         self.counters["received"] += len(batch)
+        delay = 0.1
+        while True:
+            self._uncommitted = False
+            try:
+                dead = self._ingest_once(batch)
+                self.store.commit()
+            except StoreError as exc:
+                self._store_failed(exc, len(batch))
+                if getattr(self.store, "in_batch", False):
+                    self.store.rollback()
+                if self._uncommitted:  # learned from rows that are not stored: start again from the store
+                    self._reload()
+                if self._stop.wait(delay):
+                    raise StoreError(f"stopped while the store refused writes: {exc}") from None
+                delay = min(delay * 2, 5.0)
+                continue
+            break
+        if self.last_error is not None and self.last_error.startswith("store"):
+            logger.info("the store accepts writes again")
+            self.last_error = None
+            self.publish_health()
+        self.transport.ack(batch)
+        for d in dead:
+            self._publish_dead_letter(d)
+
+    def _ingest_once(self, batch: list[Message]) -> list[DeadLetter]:
         rows: list[InboxRow] = []
         readings: list[tuple[InboxRow, Reading, float]] = []
         dead: list[DeadLetter] = []
         self.deduper.begin_batch()
         new_devices: dict[str, set[str]] = {}
+        batch_seq: dict[str, int] = {}
         for msg in batch:
             phash = payload_hash(msg.topic, msg.payload)
             try:
                 reading = self.codec.decode(msg.topic, msg.payload, msg.received_at)
                 key = f"{reading.stream}|{reading.device}|{reading.msg_id}" if reading.msg_id else None
-                if self.deduper.check(msg.topic, key, phash, msg.dup) != NEW:
+                if not self._is_new(msg, reading, key, phash, batch_seq):
                     self.counters["redeliveries"] += 1
                     continue
                 self._check_device_room(reading, new_devices)
@@ -166,12 +234,69 @@ class Agent:
                            key, phash, msg.payload)
             rows.append(row)
             readings.append((row, reading, msg.received_mono))
-        self._append_with_retry(rows, dead)
-        self.transport.ack(batch)
-        for d in dead:
-            self._publish_dead_letter(d)
-        for row, reading, received_mono in readings:
-            self._process(row, reading, received_mono)
+        self.store.begin()
+        self.store.stage(rows, dead)
+        self._uncommitted = True
+        agent_cfg = self.config.agent
+        if agent_cfg.micro_batch and len(readings) >= agent_cfg.micro_batch_size:
+            self._process_batched(readings)
+        else:
+            for row, reading, received_mono in readings:
+                self._process(row, reading, received_mono)
+        return dead
+
+    def _process_batched(self, readings: list[tuple[InboxRow, Reading, float]]) -> None:
+        """A backlog: process in runs that end at checkpoint boundaries; within a run each
+        payload-label stream learns per model in micro-batches, everything else row by row."""
+        every = self.config.store.checkpoint_every_messages
+        i = 0
+        while i < len(readings):
+            run = readings[i:i + max(1, every - self._since_checkpoint)]
+            i += len(run)
+            by_stream: dict[str, list[tuple[InboxRow, Reading, float | None]]] = {}
+            for item in run:
+                runner = self.runners[item[1].stream]
+                if runner.batchable and item[1].kind == "reading":
+                    by_stream.setdefault(item[1].stream, []).append(item)
+                else:
+                    self._process(*item, checkpoint=False)
+            for name, items in by_stream.items():
+                try:
+                    outgoing = self.runners[name].handle_many(items, self.clock.monotonic(),
+                                                              self.config.agent.micro_batch_size)
+                except Exception:  # a bug must not stop the gateway; the rows are kept in the inbox
+                    self.counters["internal_errors"] += 1
+                    logger.exception("internal error processing %d rows of stream %s; skipped", len(items), name)
+                    outgoing = []
+                for topic, payload in outgoing:
+                    self.transport.publish(topic, payload, qos=1)
+                self.counters["processed"] += len(items)
+                self._since_checkpoint += len(items)
+            self.position = run[-1][0].seq
+            self.maybe_checkpoint()
+
+    def _is_new(self, msg: Message, reading: Reading, key: str | None, phash: int,
+                batch_seq: dict[str, int]) -> bool:
+        """False for a redelivery; DecodeError for a reused id or a sequence number going back.
+
+        With a sequence field, a number above the highest seen for its device and
+        boot is new without asking the store.
+        """
+        scope = reading.sequence_scope
+        if scope is not None and reading.sequence is not None:
+            runner = self.runners[reading.stream]
+            last = batch_seq.get(scope, runner.last_seq.get(scope, -1))
+            if reading.sequence > last:
+                batch_seq[scope] = reading.sequence
+                self.deduper.remember(key, phash)
+                return True
+            if self.deduper.check(msg.topic, key, phash, msg.dup) != NEW:
+                return False
+            raise DecodeError(
+                "out_of_order",
+                f"sequence {reading.sequence} after {last} on {scope.split('|', 1)[1]}",
+            )
+        return self.deduper.check(msg.topic, key, phash, msg.dup) == NEW
 
     def _check_device_room(self, reading: Reading, new_devices: dict[str, set[str]]) -> None:
         runner = self.runners[reading.stream]
@@ -192,25 +317,16 @@ class Agent:
         route = self.codec.route(topic)
         return None if route is None else route[0]
 
-    def _append_with_retry(self, rows: list[InboxRow], dead: list[DeadLetter]) -> None:
-        """Commit the batch; on a store error wait and retry, never acknowledging before."""
-        delay = 0.1
-        while True:
-            try:
-                self.store.append(rows, dead)
-                if self.last_error is not None and self.last_error.startswith("store"):
-                    logger.info("the store accepts writes again")
-                    self.last_error = None
-                return
-            except StoreError as exc:
-                self.counters["store_errors"] += 1
-                self.last_error = f"store: {exc}"
-                logger.error("cannot commit %d messages, retrying in %.1f s: %s", len(rows) + len(dead), delay, exc)
-                if self._stop.wait(delay):
-                    raise StoreError(f"stopped while the store refused writes: {exc}") from None
-                delay = min(delay * 2, 5.0)
+    def _store_failed(self, exc: StoreError, n: int) -> None:
+        self.counters["store_errors"] += 1
+        first = self.last_error is None or not self.last_error.startswith("store")
+        self.last_error = f"store: {exc}"
+        logger.error("cannot commit %d messages (not acknowledged; retrying): %s", n, exc)
+        if first:
+            self.publish_health()
 
-    def _process(self, row: InboxRow, reading: Reading, received_mono: float | None) -> None:
+    def _process(self, row: InboxRow, reading: Reading, received_mono: float | None,
+                 checkpoint: bool = True) -> None:
         runner = self.runners[reading.stream]
         try:
             outgoing = runner.handle(row, reading, received_mono, self.clock.monotonic())
@@ -223,6 +339,8 @@ class Agent:
         self.position = row.seq
         self.counters["processed"] += 1
         self._since_checkpoint += 1
+        if checkpoint:
+            self.maybe_checkpoint()
 
     def _publish_dead_letter(self, d: DeadLetter) -> None:
         self.counters["dead_letters"] += 1
@@ -252,7 +370,12 @@ class Agent:
             self.checkpoint("interval")
 
     def checkpoint(self, reason: str) -> bool:
-        """Write every changed model and the position in one transaction."""
+        """Write every changed model and the position in one transaction.
+
+        Inside a staged batch it becomes part of the batch's transaction (and of its
+        fate); otherwise it is written and committed on its own.
+        """
+        started = time.perf_counter()
         slots = []
         for runner in self.runners.values():
             slots.extend(runner.dirty_slots())
@@ -260,8 +383,10 @@ class Agent:
         metrics = [r.metrics_row() for r in self.runners.values()]
         events = [e for r in self.runners.values() for e in r.take_events()]
         try:
-            self.store.write_checkpoint(self.position, slots, streams, metrics, reason, events)
+            self.store.write_checkpoint(self.position, slots, streams, metrics, reason, events, started=started)
         except StoreError as exc:
+            if getattr(self.store, "in_batch", False):
+                raise  # the batch fails with it and is retried after a reload
             self.counters["store_errors"] += 1
             self.last_error = f"store: {exc}"
             logger.error("checkpoint failed (state stays in memory, retried later): %s", exc)
@@ -270,19 +395,47 @@ class Agent:
                     slot.dirty = True
                 runner.events[:0] = [e for e in events if e.stream == runner.name]
             self._last_checkpoint = self.clock.monotonic()
+            self.publish_health()
             return False
         self.counters["checkpoints"] += 1
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
+        duration = getattr(self.store, "last_checkpoint_ms", None)
+        if duration is not None and not getattr(self.store, "in_batch", False):
+            self.last_checkpoint_ms = duration
+            self.max_checkpoint_ms = max(self.max_checkpoint_ms, duration)
+        if self.last_error is not None and self.last_error.startswith("store"):
+            self.last_error = None
         return True
 
-    def _final_checkpoint(self) -> None:
-        if self._since_checkpoint:
-            self.checkpoint("shutdown")
+    # -- health ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {"position": self.position, **self.counters, "transport": self.transport.stats(),
-                "last_error": self.last_error}
+        transport = self.transport.stats()
+        return {
+            "state": "error" if self.last_error else "ok",
+            "last_error": self.last_error,
+            "pid": os.getpid(),
+            "at": time.time(),
+            "position": self.position,
+            **self.counters,
+            "last_checkpoint_ms": self.last_checkpoint_ms,
+            "max_checkpoint_ms": self.max_checkpoint_ms,
+            "transport": transport,
+            "streams": {name: {"models": len(r.slots), **r.counters} for name, r in self.runners.items()},
+        }
+
+    def publish_health(self, state: str | None = None) -> None:
+        """A retained JSON status on ``<prefix>/<gateway>/health`` and in ``<store>.health.json``."""
+        self._last_health = self.clock.monotonic()
+        body = self.status()
+        if state is not None:
+            body["state"] = state
+        payload = orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
+        self.transport.publish(self.health_topic, payload, qos=1, retain=True)
+        write = getattr(self.store, "write_health", None)
+        if write is not None:
+            write(payload)
 
 
 def open_store(config: Config, fault_hook: Any = None) -> SQLiteStore:

@@ -204,8 +204,9 @@ def status(config_path: str | None, store: str | None, fmt: str) -> None:
     rows = reader.stream_status(conn)
     summary = reader.store_summary(conn)
     running = reader.agent_running(path)
+    health = reader.health(path)
     if fmt == "json":
-        emit([{"agent_running": running, **summary, "streams": rows}], fmt)
+        emit([{"agent_running": running, **summary, "health": health, "streams": rows}], fmt)
         return
     emit(rows, fmt, title=f"{path} ({'agent running' if running else 'no agent running'})")
     if fmt == "table":
@@ -214,6 +215,14 @@ def status(config_path: str | None, store: str | None, fmt: str) -> None:
             f"{summary['inbox_rows']} inbox rows kept, {summary['unreplayed']} after the checkpoint; "
             f"{summary['dead_letters_unrouted']} dead letters matched no stream"
         )
+        if health is not None:
+            import time
+
+            age = time.time() - float(health.get("at", 0))
+            line = f"agent health: {health.get('state')} ({age:.0f} s ago, pid {health.get('pid')})"
+            if health.get("last_error"):
+                line += f"; last error: {health['last_error']}"
+            click.echo(line)
 
 
 @main.command("dead-letters")

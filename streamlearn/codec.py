@@ -76,6 +76,8 @@ class Reading:
     join_id: str | None
     timestamp: float | None
     forecast_value: float | None = None
+    sequence: int | None = None  # the sequence_field's value
+    sequence_scope: str | None = None  # device and the other id fields: where `sequence` counts up
 
 
 class TopicFilter:
@@ -302,6 +304,8 @@ class _StreamDecoder:
             features.append(_number(obj[field], field, cfg))
 
         msg_id = None
+        sequence = None
+        scope = None
         if cfg.id_fields:
             parts = []
             for field in cfg.id_fields:
@@ -309,10 +313,14 @@ class _StreamDecoder:
                     raise DecodeError("missing_field", f"id field {field!r} is missing")
                 parts.append(_identifier(obj[field], field))
             msg_id = "|".join(parts)
-            if cfg.sequence_field is not None and type(obj[cfg.sequence_field]) is not int:
-                raise DecodeError(
-                    "bad_id", f"field {cfg.sequence_field!r}: expected an integer sequence number"
-                )
+            if cfg.sequence_field is not None:
+                sequence = obj[cfg.sequence_field]
+                if type(sequence) is not int or sequence < 0:
+                    raise DecodeError(
+                        "bad_id", f"field {cfg.sequence_field!r}: expected a non-negative integer sequence number"
+                    )
+                scope = "|".join([self.name, device] + [
+                    p for f, p in zip(cfg.id_fields, parts) if f != cfg.sequence_field])
 
         timestamp = None
         if cfg.timestamp_field is not None:
@@ -349,7 +357,8 @@ class _StreamDecoder:
             if id_field not in obj:
                 raise DecodeError("missing_field", f"label join field {id_field!r} is missing")
             join_id = _identifier(obj[id_field], id_field)
-        return Reading(self.name, _READING, device, features, target, msg_id, join_id, timestamp, forecast_value)
+        return Reading(self.name, _READING, device, features, target, msg_id, join_id, timestamp, forecast_value,
+                       sequence, scope)
 
 
 class Codec:

@@ -45,6 +45,11 @@ class Deduper:
         self._batch_keys.clear()
         self._batch_hashes.clear()
 
+    def remember(self, msg_key: str | None, phash: int) -> None:
+        """Note a message known to be new without asking the store (its sequence number is new)."""
+        if msg_key is not None:
+            self._batch_keys[msg_key] = phash
+
     def check(self, topic: str, msg_key: str | None, phash: int, dup: bool) -> str:
         """``NEW`` or ``REDELIVERY``; raises DecodeError ``duplicate_id`` on a conflicting id."""
         if msg_key is not None:

@@ -20,6 +20,7 @@ is what makes replay after a crash land on exactly the same model.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict, deque
 from typing import Any
@@ -36,6 +37,8 @@ from streamlearn.monitors import DriftMonitor
 from streamlearn.schedulers import LRPolicy, make_policy
 from streamlearn.store import DriftEvent, InboxRow, SlotState
 
+logger = logging.getLogger(__name__)
+
 F32 = np.float32
 SHARED = "*"
 EWMA_ALPHA = 0.01
@@ -51,12 +54,13 @@ class SlotMetrics:
     (the running mean of the targets so far, or the majority class so far).
     """
 
-    __slots__ = ("messages", "labelled", "loss", "error", "baseline_error", "abs_err_scale",
+    __slots__ = ("messages", "labelled", "batched", "loss", "error", "baseline_error", "abs_err_scale",
                  "_target_n", "_target_mean", "_class_counts")
 
     def __init__(self, n_classes: int) -> None:
         self.messages = 0
         self.labelled = 0
+        self.batched = 0  # labelled readings learned in micro-batches (not strictly test-then-train)
         self.loss: float | None = None
         self.error: float | None = None
         self.baseline_error: float | None = None
@@ -99,7 +103,7 @@ class SlotMetrics:
 
     def state(self) -> dict[str, Any]:
         return {
-            "messages": self.messages, "labelled": self.labelled, "loss": self.loss,
+            "messages": self.messages, "labelled": self.labelled, "batched": self.batched, "loss": self.loss,
             "error": self.error, "baseline_error": self.baseline_error,
             "abs_err_scale": self.abs_err_scale, "target_n": self._target_n,
             "target_mean": self._target_mean, "class_counts": self._class_counts,
@@ -108,6 +112,7 @@ class SlotMetrics:
     def load(self, state: dict[str, Any]) -> None:
         self.messages = int(state["messages"])
         self.labelled = int(state["labelled"])
+        self.batched = int(state.get("batched", 0))
         self.loss = state["loss"]
         self.error = state["error"]
         self.baseline_error = state["baseline_error"]
@@ -117,7 +122,8 @@ class SlotMetrics:
         self._class_counts = [int(c) for c in state["class_counts"]]
 
 
-def make_learner(shape: ModelShape, config: StreamConfig, population: int = 1) -> Learner:
+def make_learner(shape: ModelShape, config: StreamConfig, population: int = 1,
+                 scratch: dict[tuple[int, int], np.ndarray] | None = None) -> Learner:
     """The learner of the configured engine (``auto`` = fused for every model kind so far)."""
     if config.model.engine == "torch":
         if population != 1:
@@ -125,7 +131,132 @@ def make_learner(shape: ModelShape, config: StreamConfig, population: int = 1) -
         from streamlearn.learner_torch import TorchLearner  # imports torch: ~220 MB, ~1 s
 
         return TorchLearner(shape, config.task, config.optimizer, seed=config.model.seed)  # type: ignore[return-value]
-    return Learner(shape, config.task, config.optimizer, seed=config.model.seed, population=population)
+    return Learner(shape, config.task, config.optimizer, seed=config.model.seed, population=population,
+                   outlier_z=config.guard.outlier_z, accept_after=config.guard.accept_after, scratch=scratch)
+
+
+class RollbackGuard:
+    """Keeps the last good model of a slot, and rolls back to it when it clearly does better.
+
+    While the slot is healthy (its fast loss average near its slow one) the guard
+    snapshots the served copy's parameters and the target scaling every
+    ``snapshot_every`` labelled readings. When the loss spikes or a drift is
+    declared, a trial starts: for up to ``trial`` readings the snapshot (frozen)
+    predicts each labelled reading alongside the live model. If, after at least
+    100 readings, the snapshot's recent error is below ``margin`` times the live
+    model's and the paired difference is significant (z > 4 on moving averages
+    of the per-reading differences), the live model was poisoned (a burst of wrong
+    labels) and every copy goes back to the snapshot. After a genuine drift the
+    frozen snapshot is the worse one, so nothing happens.
+    """
+
+    def __init__(self, learner: Learner, snapshot_every: int, trial: int, margin: float) -> None:
+        self.snapshot_every = snapshot_every
+        self.trial = trial
+        self.margin = margin
+        self._snapshots: list[tuple[int, np.ndarray, list[float]]] = []  # (step, params, target), newest last
+        self._since_snapshot = 0
+        self._shadow: Learner | None = None
+        self._shadow_step = 0
+        self._trial_n = 0
+        self._trial_avg = [0.0, 0.0, 0.0, 0.0]  # moving averages: live error, snapshot error, diff, diff²
+        self._shape = (learner.shape, learner.task, learner.optimizer_config)
+
+    @property
+    def in_trial(self) -> bool:
+        return self._shadow is not None
+
+    def observe(self, learner: Learner, serving: int, healthy: bool) -> None:
+        """After a successful step: maybe take a snapshot."""
+        self._since_snapshot += 1
+        if healthy and self._since_snapshot >= self.snapshot_every:
+            self._snapshots.append((learner.version, learner.net.params[serving].copy(), learner.target.state()))
+            self._snapshots = self._snapshots[-3:]
+            self._since_snapshot = 0
+
+    def start_trial(self, learner: Learner) -> bool:
+        """A spike or a drift: compare the newest snapshot at least 100 steps old with the live model."""
+        if self._shadow is not None:
+            return False
+        old = [snap for snap in self._snapshots if snap[0] <= learner.version - 50]
+        if not old:
+            return False
+        self._shadow_step, params, target = old[-1]
+        shape, task, optimizer = self._shape
+        shadow = Learner(shape, task, optimizer)
+        shadow.net.params[0] = params
+        shadow.target.load(target)
+        self._shadow = shadow
+        self._trial_n = 0
+        self._trial_avg = [0.0, 0.0, 0.0, 0.0]
+        return True
+
+    def compare(self, x: np.ndarray, live_error: float, y: float) -> bool:
+        """Score one labelled reading; True when the live model should roll back."""
+        shadow = self._shadow
+        if shadow is None:
+            return False
+        predicted = shadow.predict_one(x)[0]
+        if shadow.task == "regression":
+            shadow_error = abs(y - float(predicted))
+        elif shadow.task == "binary":
+            shadow_error = float((float(predicted) > 0.5) != (y > 0.5))
+        else:
+            shadow_error = float(int(np.argmax(predicted)) != int(y))
+        self._trial_n += 1
+        weight = max(1.0 / 100, 1.0 / self._trial_n)
+        diff = live_error - shadow_error
+        avg = self._trial_avg
+        for i, value in enumerate((live_error, shadow_error, diff, diff * diff)):
+            avg[i] += weight * (value - avg[i])
+        if self._trial_n >= 100 and avg[1] < self.margin * avg[0]:
+            n_eff = min(self._trial_n, 199)  # what a moving average with weight 1/100 holds
+            spread = math.sqrt(max(avg[3] - avg[2] ** 2, 1e-24) / n_eff)
+            if avg[2] / spread > 4.0:
+                return True
+        if self._trial_n >= self.trial:
+            self._shadow = None
+        return False
+
+    def roll_back(self, learner: Learner) -> int:
+        """Put the snapshot into every copy; returns the step it was taken at."""
+        assert self._shadow is not None
+        step = self._shadow_step
+        learner.net.params[:] = self._shadow.net.params[0]
+        for name, arr in learner.state_arrays().items():
+            if name != "params":
+                arr[...] = 0.0  # the optimizer's moments belonged to the poisoned trajectory
+        learner.target.load(self._shadow.target.state())
+        learner.version += 1
+        self._shadow = None
+        self._since_snapshot = 0
+        return step
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {f"guard.snapshot{i}": p[None, :] for i, (_, p, _) in enumerate(self._snapshots)}
+        if self._shadow is not None:
+            arrays["guard.shadow"] = self._shadow.net.params
+        return arrays, {
+            "snapshots": [[step, target] for step, _, target in self._snapshots],
+            "since_snapshot": self._since_snapshot,
+            "shadow_target": None if self._shadow is None else self._shadow.target.state(),
+            "shadow_step": self._shadow_step,
+            "trial_n": self._trial_n, "trial_avg": self._trial_avg,
+        }
+
+    def load(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+        self._snapshots = [(int(step), arrays[f"guard.snapshot{i}"][0].copy(), list(target))
+                           for i, (step, target) in enumerate(state["snapshots"])]
+        self._since_snapshot = int(state["since_snapshot"])
+        self._trial_n = int(state["trial_n"])
+        self._trial_avg = [float(v) for v in state["trial_avg"]]
+        self._shadow_step = int(state["shadow_step"])
+        self._shadow = None
+        if state["shadow_target"] is not None:
+            shape, task, optimizer = self._shape
+            self._shadow = Learner(shape, task, optimizer)
+            self._shadow.net.params[...] = arrays["guard.shadow"]
+            self._shadow.target.load(state["shadow_target"])
 
 
 class Slot:
@@ -136,7 +267,8 @@ class Slot:
     target is known, ``learn(x, y, predicted)``.
     """
 
-    def __init__(self, key: str, config: StreamConfig) -> None:
+    def __init__(self, key: str, config: StreamConfig,
+                 scratch: dict[tuple[int, int], np.ndarray] | None = None) -> None:
         self.key = key
         self.task = config.task
         self.features = FeatureState(len(config.features), config.lags)
@@ -147,12 +279,15 @@ class Slot:
             activation=config.model.activation,
         )
         self.policy: LRPolicy = make_policy(config.schedule, config.optimizer.lr)
-        self.learner = make_learner(shape, config, self.policy.population)
+        self.learner = make_learner(shape, config, self.policy.population, scratch)
         self.learner.lr = self.policy.lr()
         d = config.drift
         self.drift = DriftMonitor(d.detectors, grace=d.grace, cooldown=d.cooldown, min_agree=d.min_agree,
                                   agree_window=d.agree_window, rise=d.rise, params=dict(d.params))
         self.metrics = SlotMetrics(config.n_outputs if config.task == "multiclass" else 2)
+        g = config.guard
+        self.guard = RollbackGuard(self.learner, g.snapshot_every, g.trial, g.margin) if g.rollback \
+            and isinstance(self.learner, Learner) else None
         # forecast: per device, the readings still waiting for their target
         self.waiting: dict[str, deque[tuple[np.ndarray, Any, int]]] = {}
         self.dirty = True
@@ -182,14 +317,22 @@ class Slot:
         error: float | None = None
         if self.task == "regression":
             score = self.metrics.record_regression(y, float(predicted), self.learner.target.std)
+            live_error = abs(y - float(predicted))
         else:
             probs = np.array([1.0 - float(predicted), float(predicted)]) if self.task == "binary" \
                 else np.asarray(predicted, dtype=np.float64)
             error = self.metrics.record_class(int(y), probs)
+            live_error = error
+        events: list[tuple[Any, ...]] = []
+        guard = self.guard
+        if guard is not None and guard.in_trial and guard.compare(x, live_error, y):
+            lr = self.lr
+            step = guard.roll_back(self.learner)
+            logger.info("rolled back model %s to its snapshot of step %d: it predicts clearly better", self.key, step)
+            events.append(("guard", None, "rollback", lr, lr, self.drift.loss.slow))
         serving = self.policy.serving()
         self.learner.lr = self.policy.lr()
         loss = self.learner.learn_one(x, y)
-        events: list[tuple[Any, ...]] = []
         if loss is None:
             return score, events
         t = self.learner.version
@@ -206,14 +349,85 @@ class Slot:
             action, lr_after = (decision.action, decision.lr_after) if decision else ("none", lr_before)
             events.append(("+".join(signal.detectors), signal.statistic, action, lr_before, lr_after,
                            signal.loss_before))
+        if guard is not None:
+            monitor = self.drift.loss
+            ratio = monitor.fast / max(monitor.slow, self.drift.loss_floor if error is None else 1e-12)
+            if monitor.n > 500 and (signal is not None or ratio > 3.0):
+                guard.start_trial(self.learner)
+            guard.observe(self.learner, self.policy.serving(), healthy=ratio < 1.5)
         return score, events
 
+    def predict_many(self, X: np.ndarray) -> np.ndarray:
+        """Served predictions for a batch, all from the model as it is now."""
+        return self.learner.predict_many(X)[self.policy.serving()]
+
+    def learn_many(self, X: np.ndarray, ys: list[float], predicted: list[Any]) -> list[tuple[Any, ...]]:
+        """One micro-batch step: record each reading's prediction, then learn them all at once.
+
+        The drift monitor and the rollback guard still see every reading.
+        """
+        self.dirty = True
+        monitor_values: list[tuple[float, float | None]] = []
+        events: list[tuple[Any, ...]] = []
+        guard = self.guard
+        std = self.learner.target.std
+        for x, y, p in zip(X, ys, predicted):
+            if self.task == "regression":
+                self.metrics.record_regression(y, float(p), std)
+                live_error = abs(y - float(p))
+                monitor_values.append((((y - float(p)) / std) ** 2, None))
+            else:
+                probs = np.array([1.0 - float(p), float(p)]) if self.task == "binary" \
+                    else np.asarray(p, dtype=np.float64)
+                live_error = self.metrics.record_class(int(y), probs)
+                monitor_values.append((live_error, live_error))
+            if guard is not None and guard.in_trial and guard.compare(x, live_error, y):
+                lr = self.lr
+                step = guard.roll_back(self.learner)
+                logger.info("rolled back model %s to its snapshot of step %d", self.key, step)
+                events.append(("guard", None, "rollback", lr, lr, self.drift.loss.slow))
+        self.metrics.batched += len(ys)
+        self.learner.lr = self.policy.lr()
+        loss = self.learner.learn_many(X, np.asarray(ys, dtype=np.float64))
+        if loss is None:
+            return events
+        t = self.learner.version
+        decision = self.policy.update(self.learner, loss, t)
+        if decision is not None:
+            events.append(("policy", None, decision.action, decision.lr_before, decision.lr_after,
+                           self.drift.loss.slow))
+        signal = None
+        for value, error in monitor_values:
+            found = self.drift.update(value, error)
+            if found is not None and signal is None:
+                signal = found
+        if signal is not None:
+            lr_before = self.lr
+            decision = self.policy.on_drift(self.learner, t)
+            action, lr_after = (decision.action, decision.lr_after) if decision else ("none", lr_before)
+            events.append(("+".join(signal.detectors), signal.statistic, action, lr_before, lr_after,
+                           signal.loss_before))
+        if guard is not None:
+            monitor = self.drift.loss
+            classify = self.task != "regression"
+            ratio = monitor.fast / max(monitor.slow, 1e-12 if classify else self.drift.loss_floor)
+            if monitor.n > 500 and (signal is not None or ratio > 3.0):
+                guard.start_trial(self.learner)
+            guard.observe(self.learner, self.policy.serving(), healthy=ratio < 1.5)
+        return events
+
     def to_state(self, stream: str) -> SlotState:
+        tensors = dict(self.learner.state_arrays())
+        guard_state = None
+        if self.guard is not None:
+            guard_arrays, guard_state = self.guard.state()
+            tensors.update(guard_arrays)
         return SlotState(
             stream=stream,
             model_key=self.key,
-            tensors=self.learner.state_arrays(),
+            tensors=tensors,
             state={
+                "guard": guard_state,
                 "learner": self.learner.state_scalars(),
                 "features": self.features.state(),
                 "metrics": self.metrics.state(),
@@ -226,7 +440,10 @@ class Slot:
         )
 
     def load(self, saved: SlotState, horizon: int) -> None:
-        self.learner.load_state(saved.tensors, saved.state["learner"])
+        self.learner.load_state({k: v for k, v in saved.tensors.items() if not k.startswith("guard.")},
+                                saved.state["learner"])
+        if self.guard is not None and saved.state.get("guard") is not None:
+            self.guard.load(saved.tensors, saved.state["guard"])
         self.features.load(saved.state["features"])
         self.metrics.load(saved.state["metrics"])
         self.policy.load(saved.state["policy"])
@@ -257,6 +474,7 @@ class StreamRunner:
         self.horizon = config.label.horizon
         self.classes = list(config.classes) if config.classes is not None else None
         self.slots: dict[str, Slot] = {}
+        self._scratch: dict[tuple[int, int], np.ndarray] = {}  # gradient buffers the slots share
         self._topic_base = f"{topic_prefix}/{gateway}/{config.name}"
         self.drift_topic = f"{self._topic_base}/drift"
         self._prediction_topics: dict[str, str] = {}
@@ -267,6 +485,8 @@ class StreamRunner:
             "learned_count": 0, "learned_digest": 0,
         }
         self.events: list[DriftEvent] = []  # since the last checkpoint
+        # the highest sequence number seen per sequence scope (device and boot), newest scopes last
+        self.last_seq: OrderedDict[str, int] = OrderedDict()
 
     # -- slots --------------------------------------------------------------------
 
@@ -277,7 +497,7 @@ class StreamRunner:
         key = self.slot_key(device)
         slot = self.slots.get(key)
         if slot is None:
-            slot = self.slots[key] = Slot(key, self.config)
+            slot = self.slots[key] = Slot(key, self.config, self._scratch)
         return slot
 
     # -- the pipeline ------------------------------------------------------------------
@@ -289,6 +509,8 @@ class StreamRunner:
         if reading.kind == "label":
             self._on_label(reading, row, out, received_mono is None)
             return out
+        if reading.sequence_scope is not None:
+            self._saw_sequence(reading.sequence_scope, reading.sequence or 0)
         if self.source == "topic":
             self._expire(row.received_at)
         slot = self._slot(reading.device)
@@ -323,11 +545,24 @@ class StreamRunner:
                     self._prediction_payload(row, reading, slot, prediction, received_mono, now_mono, extra)))
         return out
 
+    MAX_SEQUENCE_SCOPES = 100_000
+
+    def _saw_sequence(self, scope: str, sequence: int) -> None:
+        self.last_seq[scope] = max(sequence, self.last_seq.get(scope, -1))
+        self.last_seq.move_to_end(scope)
+        if len(self.last_seq) > self.MAX_SEQUENCE_SCOPES:
+            self.last_seq.popitem(last=False)
+
     def _learn(self, slot: Slot, x: np.ndarray, y: float, predicted: Any, phash: int,
                row: InboxRow, out: list[tuple[str, bytes]], replay: bool) -> float | None:
         score, events = slot.learn(x, y, predicted)
         self.counters["learned_count"] += 1
         self.counters["learned_digest"] = (self.counters["learned_digest"] + phash) % _DIGEST_MOD
+        self._record_events(slot, events, row, out, replay)
+        return score
+
+    def _record_events(self, slot: Slot, events: list[tuple[Any, ...]], row: InboxRow,
+                       out: list[tuple[str, bytes]], replay: bool) -> None:
         for detector, statistic, action, lr_before, lr_after, loss_before in events:
             event = DriftEvent(row.received_at, self.name, slot.key, slot.learner.version, detector,
                                statistic, action, lr_before, lr_after, loss_before)
@@ -340,7 +575,60 @@ class StreamRunner:
             if replay:
                 body["replay"] = True
             out.append((self.drift_topic, orjson.dumps(body)))
-        return score
+
+    @property
+    def batchable(self) -> bool:
+        """Micro-batches apply to streams whose labels come in the payload."""
+        return self.source == "payload"
+
+    def handle_many(self, items: list[tuple[InboxRow, Reading, float | None]], now_mono: float,
+                    size: int) -> list[tuple[str, bytes]]:
+        """Process a run of readings; a model with ``size`` or more of them learns them ``size``
+        at a time (each prediction comes from the model before its micro-batch); the rest
+        one by one."""
+        assert self.batchable
+        out: list[tuple[str, bytes]] = []
+        groups: dict[str, list[tuple[InboxRow, Reading, float | None, np.ndarray]]] = {}
+        for row, reading, received_mono in items:
+            if reading.sequence_scope is not None:
+                self._saw_sequence(reading.sequence_scope, reading.sequence or 0)
+            slot = self._slot(reading.device)
+            slot.metrics.messages += 1
+            x = slot.features_for(reading.device, reading.features)
+            groups.setdefault(slot.key, []).append((row, reading, received_mono, x))
+        for key, entries in groups.items():
+            slot = self.slots[key]
+            full = len(entries) - len(entries) % size
+            for start in range(0, full, size):
+                self._micro_batch(slot, entries[start:start + size], now_mono, out)
+            for row, reading, received_mono, x in entries[full:]:
+                prediction = slot.predict(x)
+                if reading.target is not None:
+                    self._learn(slot, x, reading.target, prediction, row.payload_hash, row, out,
+                                received_mono is None)
+                out.append((self._prediction_topic(reading.device), self._prediction_payload(
+                    row, reading, slot, prediction, received_mono, now_mono, {})))
+        return out
+
+    def _micro_batch(self, slot: Slot, entries: list[tuple[InboxRow, Reading, float | None, np.ndarray]],
+                     now_mono: float, out: list[tuple[str, bytes]]) -> None:
+        X = np.stack([e[3] for e in entries])
+        predictions = slot.predict_many(X)
+        extra = {"micro_batch": len(entries)}
+        for (row, reading, received_mono, _), prediction in zip(entries, predictions):
+            out.append((self._prediction_topic(reading.device), self._prediction_payload(
+                row, reading, slot, prediction, received_mono, now_mono, extra)))
+        labelled = [i for i, e in enumerate(entries) if e[1].target is not None]
+        if not labelled:
+            return
+        events = slot.learn_many(X[labelled], [entries[i][1].target for i in labelled],
+                                 [predictions[i] for i in labelled])
+        for i in labelled:
+            self.counters["learned_count"] += 1
+            self.counters["learned_digest"] = (self.counters["learned_digest"]
+                                               + entries[i][0].payload_hash) % _DIGEST_MOD
+        last = entries[labelled[-1]]
+        self._record_events(slot, events, last[0], out, last[2] is None)
 
     def _add_pending(self, join_id: str, key: str, x: np.ndarray, pred: Any, phash: int, at: float) -> None:
         if join_id in self.pending:  # a later reading with the same id replaces the older
@@ -423,11 +711,12 @@ class StreamRunner:
         return {
             "counters": dict(self.counters),
             "pending": [[j, k, x.tolist(), p, h, at] for j, (k, x, p, h, at) in self.pending.items()],
+            "last_seq": list(self.last_seq.items()),
         }
 
     def load(self, slots: list[SlotState], state: dict[str, Any] | None) -> None:
         for saved in slots:
-            slot = Slot(saved.model_key, self.config)
+            slot = Slot(saved.model_key, self.config, self._scratch)
             try:
                 slot.load(saved, self.horizon)
             except (KeyError, ValueError) as exc:
@@ -439,6 +728,7 @@ class StreamRunner:
                 (j, (k, np.asarray(x, dtype=F32), p, int(h), float(at)))
                 for j, k, x, p, h, at in state.get("pending", [])
             )
+            self.last_seq = OrderedDict((scope, int(seq)) for scope, seq in state.get("last_seq", []))
 
     def metrics_row(self) -> dict[str, Any]:
         """One row of the ``metrics`` table: totals and averages over the stream's models."""
@@ -452,6 +742,7 @@ class StreamRunner:
             "stream": self.name,
             "messages": sum(s.metrics.messages for s in slots),
             "labelled": sum(s.metrics.labelled for s in slots),
+            "batched": sum(s.metrics.batched for s in slots),
             "learned": sum(s.learner.n_learned for s in slots),
             "skipped": sum(s.learner.n_skipped for s in slots),
             "dead_letters": self.counters["dead_letters"],

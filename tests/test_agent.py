@@ -17,7 +17,9 @@ from streamlearn.store import SQLiteStore
 from streamlearn.transport.memory import MemoryTransport
 
 
-def config(store: Path, **stream: Any) -> Config:
+def config(store: Path, micro_batch: bool = False, **stream: Any) -> Config:
+    """Strict test-then-train unless ``micro_batch``: bit-exact replay needs it (micro-batches
+    depend on how messages happened to arrive)."""
     s = {
         "name": "boiler", "topic": "s/+/boiler", "device": {"topic_level": 1},
         "features": ["t_in", "t_out", "flow", "load"], "label": {"field": "power"},
@@ -25,7 +27,7 @@ def config(store: Path, **stream: Any) -> Config:
     }
     s.update(stream)
     return parse_config({"store": {"path": str(store), "checkpoint_every_messages": 250},
-                         "agent": {"batch_max": 64}, "streams": [s]})
+                         "agent": {"batch_max": 64, "micro_batch": micro_batch}, "streams": [s]})
 
 
 def drain(agent: Agent) -> None:
@@ -33,8 +35,8 @@ def drain(agent: Agent) -> None:
         pass
 
 
-def make(store_path: Path, **stream: Any) -> tuple[Agent, MemoryTransport, Config]:
-    cfg = config(store_path, **stream)
+def make(store_path: Path, micro_batch: bool = False, **stream: Any) -> tuple[Agent, MemoryTransport, Config]:
+    cfg = config(store_path, micro_batch, **stream)
     transport = MemoryTransport()
     agent = Agent(cfg, transport, open_store(cfg))
     agent.recover()
@@ -71,24 +73,27 @@ def test_identical_readings_without_ids_count_twice_unless_redelivered(store_pat
 
 
 class FailingStore:
-    """Wraps a real store; its next ``failures`` appends raise like a full disk."""
+    """Wraps a real store; its next ``failures`` commits fail like a full disk."""
 
     def __init__(self, store: SQLiteStore, failures: int) -> None:
         self._store = store
         self.failures = failures
 
-    def append(self, rows: list, dead: list) -> None:
+    def commit(self) -> None:
         if self.failures > 0:
             self.failures -= 1
+            self._store.rollback()
             raise StoreError("database or disk is full")
-        self._store.append(rows, dead)
+        self._store.commit()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
 
-def test_nothing_is_acknowledged_before_it_is_committed(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = config(store_path)
+def test_nothing_is_acknowledged_before_it_is_committed_nor_learned_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(tmp_path / "failing.db")
     t = MemoryTransport()
     store = FailingStore(open_store(cfg), failures=2)
     agent = Agent(cfg, t, store)  # type: ignore[arg-type]
@@ -102,13 +107,21 @@ def test_nothing_is_acknowledged_before_it_is_committed(store_path: Path, monkey
         return real_wait(0)
 
     monkeypatch.setattr(agent._stop, "wait", wait)
-    for m in SensorSimulator(cfg.streams[0], seed=1).messages(10):
+    messages = list(SensorSimulator(cfg.streams[0], seed=1).messages(10))
+    for m in messages:
         t.inject(m.topic, m.payload)
     drain(agent)
     assert acked_during_failure == [[], []]  # two failed commits, no ack meanwhile
     assert sorted(t.acked) == list(range(1, 11))
-    assert agent.counters["store_errors"] == 2 and agent.counters["processed"] == 10
+    assert agent.counters["store_errors"] == 2 and agent.counters["reloads"] == 2
+    runner = agent.runners["boiler"]
+    assert runner.counters["learned_count"] == 10  # the failed attempts were forgotten, not learned twice
+    clean, t2, _ = make(tmp_path / "clean.db")
+    run_messages(clean, t2, messages)
+    for key, slot in clean.runners["boiler"].slots.items():
+        np.testing.assert_array_equal(slot.learner.net.params, runner.slots[key].learner.net.params)
     store.close()
+    clean.store.close()
 
 
 def run_messages(agent: Agent, t: MemoryTransport, messages: list) -> None:
@@ -203,3 +216,73 @@ def test_too_many_devices_become_dead_letters(store_path: Path, monkeypatch: pyt
     reasons = {orjson.loads(p)["reason"] for topic, p, _, _ in t.published if topic.endswith("dead-letter")}
     assert reasons == {"too_many_devices"}
     agent.store.close()
+
+
+def test_under_a_backlog_models_learn_in_micro_batches_and_say_so(tmp_path: Path) -> None:
+    messages = list(SensorSimulator(config(tmp_path / "x.db").streams[0], devices=2, seed=8).messages(3000))
+    strict, t1, _ = make(tmp_path / "strict.db")
+    run_messages(strict, t1, messages)
+    batched, t2, _ = make(tmp_path / "batched.db", micro_batch=True)
+    run_messages(batched, t2, messages)  # 64 at a time: a backlog, 32 per model
+    row = batched.runners["boiler"].metrics_row()
+    # runs end at checkpoint boundaries (every 250), where a model may have fewer than 8 readings
+    assert row["labelled"] == 3000 and 2500 < row["batched"] < 3000
+    assert strict.runners["boiler"].metrics_row()["batched"] == 0
+    bodies = [orjson.loads(p) for topic, p, _, _ in t2.published if topic.endswith("/prediction")]
+    assert len(bodies) == 3000
+    assert sum(1 for b in bodies if "micro_batch" in b) == row["batched"]
+    assert all(b["micro_batch"] == 8 for b in bodies if "micro_batch" in b)
+    counters = batched.runners["boiler"].counters
+    assert counters["learned_count"] == 3000  # every reading learned once
+    # fewer, averaged steps learn less from this fast-moving stream, but still learn
+    assert row["error"] < 0.5 * row["baseline_error"]
+    strict.store.close()
+    batched.store.close()
+
+
+def test_sequence_numbers_going_back_are_dead_letters_unless_redelivered(store_path: Path) -> None:
+    agent, t, _ = make(store_path)
+
+    def reading(seq: int, boot: str = "b", power: float = 5.0) -> bytes:
+        return orjson.dumps({"t_in": 1, "t_out": 2, "flow": 3, "load": 4, "power": power, "boot": boot, "seq": seq})
+
+    for seq in (1, 2, 5):
+        t.inject("s/d1/boiler", reading(seq))
+    drain(agent)
+    t.inject("s/d1/boiler", reading(3))  # late: out of order
+    t.inject("s/d1/boiler", reading(2), dup=True)  # the broker redelivering a stored reading
+    t.inject("s/d1/boiler", reading(1, boot="b2"))  # the sensor rebooted: a new sequence
+    t.inject("s/d2/boiler", reading(1))  # another device has its own sequence
+    drain(agent)
+    dead = [orjson.loads(p) for topic, p, _, _ in t.published if topic.endswith("dead-letter")]
+    assert [(d["reason"], d["detail"]) for d in dead] == [("out_of_order", "sequence 3 after 5 on d1|b")]
+    assert agent.counters["redeliveries"] == 1 and agent.counters["processed"] == 5
+    agent.store.close()
+    # the highest sequence per device and boot survives a restart
+    again, t2, _ = make(store_path)
+    t2.inject("s/d1/boiler", reading(4))
+    drain(again)
+    assert [orjson.loads(p)["reason"] for topic, p, _, _ in t2.published if topic.endswith("dead-letter")] == [
+        "out_of_order"]
+    again.store.close()
+
+
+def test_health_is_reported_on_mqtt_and_next_to_the_store(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "h.db")
+    t = MemoryTransport()
+    store = FailingStore(open_store(cfg), failures=1)
+    agent = Agent(cfg, t, store)  # type: ignore[arg-type]
+    agent.recover()
+    agent.publish_health()
+    for m in SensorSimulator(cfg.streams[0], seed=1).messages(5):
+        t.inject(m.topic, m.payload)
+    drain(agent)
+    health = [(orjson.loads(p), retain) for topic, p, _, retain in t.published if topic == "streamlearn/gateway/health"]
+    assert all(retain for _, retain in health)
+    states = [(h["state"], h["last_error"]) for h, _ in health]
+    assert states[0] == ("ok", None)
+    assert ("error", "store: database or disk is full") in states  # reported while it lasted
+    assert states[-1] == ("ok", None)  # and cleared when the store took writes again
+    on_disk = orjson.loads((tmp_path / "h.db.health.json").read_bytes())
+    assert on_disk["state"] == "ok" and on_disk["position"] == 5
+    store.close()
