@@ -150,12 +150,15 @@ class MqttTransport:
         self._state = "new"  # new -> started -> stopped
         self._subscriptions: list[str] = []
         self._connected = threading.Event()
+        self._disconnected = threading.Event()  # on_disconnect ran: paho wrote our DISCONNECT (and what came before)
         self._subscribed = threading.Event()
         self._subscribe_mid: int | None = None
         self._subscribe_topics: list[str] = []
         self._stopping = False
         self._resyncing = False
         self._resync_pending = False
+        self._shedding = False  # from the first shed message until the next connection: keeps the order
+        self._resync_generation = -1  # the connection a resync is leaving (sheds on it need no other)
         self._shed_in_episode = 0
         self._net_ident: int | None = None  # paho's network thread: never waits in publish()
         self._generation = 0
@@ -368,6 +371,7 @@ class MqttTransport:
                 self._tx.notify_all()
             with self._rx:
                 self._generation += 1
+                self._shedding = False  # the broker resends, in order, everything we left unacknowledged
                 self._index_stale()
             if self.config.protocol == "5":
                 topics: list[Any] = [(t, SubscribeOptions(qos=1)) for t in self._subscriptions]
@@ -427,6 +431,7 @@ class MqttTransport:
             with self._rx:  # waits for an ack() in progress: its PUBACKs die with this connection
                 was_connected = self._connected.is_set()
                 self._connected.clear()
+            self._disconnected.set()
             self._subscribed.clear()
             self._counters["disconnects"] += 1
             value = getattr(reason_code, "value", reason_code)
@@ -475,12 +480,17 @@ class MqttTransport:
                         self._counters["redeliveries_merged"] += 1
                         return
                 cost = len(payload) + len(topic) + MESSAGE_OVERHEAD
-                if self._backlog_bytes + cost > self.max_backlog_bytes and self._queue and self._can_shed:
+                if self._shedding or (
+                        self._backlog_bytes + cost > self.max_backlog_bytes and self._queue and self._can_shed):
                     # the broker sends past its in-flight limit (Mosquitto 2.0.11 does once acks flow):
-                    # leave it unacknowledged; a reconnect, once the agent caught up, brings it back
+                    # leave it unacknowledged; a reconnect, once the agent caught up, brings it back.
+                    # Every later message of this connection is left too: queueing one while an
+                    # earlier one waits at the broker would hand the agent a later sequence number
+                    # first, and the earlier reading would come back out of order.
+                    self._shedding = True
                     self._counters["shed"] += 1
                     self._shed_in_episode += 1
-                    if not self._resync_pending:
+                    if not self._resync_pending and self._resync_generation != self._generation:
                         self._resync_pending = True
                         logger.warning(
                             "%d messages (%.1f MB) wait for the agent: the broker sends past its in-flight limit; "
@@ -653,6 +663,7 @@ class MqttTransport:
         client = self._client
         with self._rx:
             self._resync_pending = False
+            self._resync_generation = self._generation
             shed, self._shed_in_episode = self._shed_in_episode, 0
         if (client is None or self._state != "started" or self._stopping or self.fatal_error
                 or not self._connected.is_set()):
@@ -662,7 +673,18 @@ class MqttTransport:
                     shed)
         self._resyncing = True
         try:
+            # a QoS 1 round trip first: the broker handles our packets in order, so once it acknowledged
+            # this publish it has handled the PUBACKs sent before it. Without it Mosquitto 2.0.11 sent
+            # again, on the next connection, messages whose PUBACK came just before our DISCONNECT.
+            self._publish_nowait(self.status_topic, b"online", qos=1, retain=True)
+            if not self.drain(5.0):
+                logger.warning("publishes still unacknowledged before reconnecting: %d", self.outstanding())
+            self._disconnected.clear()
             client.disconnect()
+            # paho calls on_disconnect once it wrote the DISCONNECT, after the PUBACKs queued before it;
+            # stopping the loop earlier drops them, and the broker sends those messages again
+            if not self._disconnected.wait(5.0):
+                logger.warning("the broker did not see our DISCONNECT within 5 s; reconnecting anyway")
             client.loop_stop()
             # loop_start() makes a new wake-up socket pair without closing the old one (paho 2.2)
             reset = getattr(client, "_reset_sockets", None)
