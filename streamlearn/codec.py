@@ -247,6 +247,18 @@ class _StreamDecoder:
         self.classes = {str(c): i for i, c in enumerate(stream.classes or [])}
         self.forecast_field = stream.label.field if stream.label.source == "forecast" else None
         self.payload_label = stream.label.field if stream.label.source == "payload" else None
+        # the fields a payload may carry (None: any); anything else is a dead letter
+        self.reading_fields: frozenset[str] | None = None
+        self.label_fields: frozenset[str] | None = None
+        if stream.extra_fields == "reject":
+            device_field = [stream.device.field] if stream.device.field else []
+            label = stream.label
+            self.reading_fields = frozenset(
+                [*stream.features, *stream.id_fields, *device_field]
+                + [f for f in (stream.timestamp_field, stream.sequence_field) if f]
+                + ([label.field] if label.source in ("payload", "forecast") else [label.id_field]))
+            if label.source == "topic":
+                self.label_fields = frozenset([label.label_id, label.field, *device_field])
 
     def device_of(self, topic: str, obj: dict[str, Any]) -> str:
         spec = self.config.device
@@ -286,6 +298,11 @@ class _StreamDecoder:
 
     def decode(self, kind: str, topic: str, obj: dict[str, Any], received_at: float) -> Reading:
         cfg = self.config
+        allowed = self.label_fields if kind == _LABEL else self.reading_fields
+        if allowed is not None and not allowed.issuperset(obj):
+            extra = sorted(k for k in obj if k not in allowed)
+            raise DecodeError("unexpected_field", f"fields the stream does not name: {extra[:5]} "
+                              f"(set extra_fields = \"ignore\" to accept them)")
         device = self.device_of(topic, obj)
         if kind == _LABEL:
             label_id_field = cfg.label.label_id

@@ -296,6 +296,12 @@ class StreamConfig(_Section):
     ranges: dict[FieldName, tuple[FiniteFloat, FiniteFloat]] = {}
     max_abs_value: PositiveFloat = 1e9
     max_payload_bytes: int = Field(65_536, ge=16, le=16 * 1024 * 1024)
+    # a payload field the stream does not name: a dead letter ("reject": the schema changed, maybe the
+    # meaning of the features with it) or skipped ("ignore": e.g. firmware that adds an rssi field)
+    extra_fields: Literal["reject", "ignore"] = "reject"
+    # a reading whose sequence number is below its device's highest and that was never seen: learned
+    # late ("learn"; brokers reorder after reconnects) or a dead letter ("dead_letter")
+    out_of_order: Literal["learn", "dead_letter"] = "learn"
 
     @model_validator(mode="after")
     def _check(self) -> StreamConfig:

@@ -147,7 +147,10 @@ class RollbackGuard:
     model's and the paired difference is significant (z > 4 on moving averages
     of the per-reading differences), the live model was poisoned (a burst of wrong
     labels) and every copy goes back to the snapshot. After a genuine drift the
-    frozen snapshot is the worse one, so nothing happens.
+    frozen snapshot is the worse one, so nothing happens. A new spike (the loss
+    ratio crossing 3 from below) during a trial the live model is winning starts
+    the trial again with a fresh snapshot: a drift must not use up the guard
+    before a poisoned burst arrives.
     """
 
     def __init__(self, learner: Learner, snapshot_every: int, trial: int, margin: float) -> None:
@@ -160,6 +163,7 @@ class RollbackGuard:
         self._shadow_step = 0
         self._trial_n = 0
         self._trial_avg = [0.0, 0.0, 0.0, 0.0]  # moving averages: live error, snapshot error, diff, diff²
+        self._spiking = False  # the loss ratio was above 3 at the last step
         self._shape = (learner.shape, learner.task, learner.optimizer_config)
 
     @property
@@ -174,11 +178,18 @@ class RollbackGuard:
             self._snapshots = self._snapshots[-3:]
             self._since_snapshot = 0
 
+    def watch(self, learner: Learner, spiking: bool, drift: bool) -> None:
+        """Each labelled step: a drift signal or the start of a spike starts (or restarts) a trial."""
+        if drift or (spiking and not self._spiking):
+            self.start_trial(learner)
+        self._spiking = spiking
+
     def start_trial(self, learner: Learner) -> bool:
-        """A spike or a drift: compare the newest snapshot at least 100 steps old with the live model."""
-        if self._shadow is not None:
+        """A spike or a drift: compare the newest snapshot at least 100 steps old with the live model
+        (a trial under way is replaced only while the live model is winning it)."""
+        if self._shadow is not None and (self._trial_n < 100 or self._trial_avg[2] > 0.0):
             return False
-        old = [snap for snap in self._snapshots if snap[0] <= learner.version - 50]
+        old = [snap for snap in self._snapshots if snap[0] <= learner.version - 100]
         if not old:
             return False
         self._shadow_step, params, target = old[-1]
@@ -209,10 +220,10 @@ class RollbackGuard:
         avg = self._trial_avg
         for i, value in enumerate((live_error, shadow_error, diff, diff * diff)):
             avg[i] += weight * (value - avg[i])
-        if self._trial_n >= 100 and avg[1] < self.margin * avg[0]:
+        if self._trial_n >= 100:
             n_eff = min(self._trial_n, 199)  # what a moving average with weight 1/100 holds
-            spread = math.sqrt(max(avg[3] - avg[2] ** 2, 1e-24) / n_eff)
-            if avg[2] / spread > 4.0:
+            z = avg[2] / math.sqrt(max(avg[3] - avg[2] ** 2, 1e-24) / n_eff)
+            if z > 4.0 and avg[1] < self.margin * avg[0]:
                 return True
         if self._trial_n >= self.trial:
             self._shadow = None
@@ -241,7 +252,7 @@ class RollbackGuard:
             "since_snapshot": self._since_snapshot,
             "shadow_target": None if self._shadow is None else self._shadow.target.state(),
             "shadow_step": self._shadow_step,
-            "trial_n": self._trial_n, "trial_avg": self._trial_avg,
+            "trial_n": self._trial_n, "trial_avg": self._trial_avg, "spiking": self._spiking,
         }
 
     def load(self, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> None:
@@ -250,6 +261,7 @@ class RollbackGuard:
         self._since_snapshot = int(state["since_snapshot"])
         self._trial_n = int(state["trial_n"])
         self._trial_avg = [float(v) for v in state["trial_avg"]]
+        self._spiking = bool(state.get("spiking", False))
         self._shadow_step = int(state["shadow_step"])
         self._shadow = None
         if state["shadow_target"] is not None:
@@ -352,8 +364,8 @@ class Slot:
         if guard is not None:
             monitor = self.drift.loss
             ratio = monitor.fast / max(monitor.slow, self.drift.loss_floor if error is None else 1e-12)
-            if monitor.n > 500 and (signal is not None or ratio > 3.0):
-                guard.start_trial(self.learner)
+            if monitor.n > 500:
+                guard.watch(self.learner, spiking=ratio > 3.0, drift=signal is not None)
             guard.observe(self.learner, self.policy.serving(), healthy=ratio < 1.5)
         return score, events
 
@@ -411,8 +423,8 @@ class Slot:
             monitor = self.drift.loss
             classify = self.task != "regression"
             ratio = monitor.fast / max(monitor.slow, 1e-12 if classify else self.drift.loss_floor)
-            if monitor.n > 500 and (signal is not None or ratio > 3.0):
-                guard.start_trial(self.learner)
+            if monitor.n > 500:
+                guard.watch(self.learner, spiking=ratio > 3.0, drift=signal is not None)
             guard.observe(self.learner, self.policy.serving(), healthy=ratio < 1.5)
         return events
 

@@ -240,27 +240,46 @@ def test_under_a_backlog_models_learn_in_micro_batches_and_say_so(tmp_path: Path
     batched.store.close()
 
 
-def test_sequence_numbers_going_back_are_dead_letters_unless_redelivered(store_path: Path) -> None:
+def _reading(seq: int, boot: str = "b", power: float = 5.0) -> bytes:
+    return orjson.dumps({"t_in": 1, "t_out": 2, "flow": 3, "load": 4, "power": power, "boot": boot, "seq": seq})
+
+
+def test_late_readings_are_learned_and_redeliveries_dropped(store_path: Path) -> None:
     agent, t, _ = make(store_path)
-
-    def reading(seq: int, boot: str = "b", power: float = 5.0) -> bytes:
-        return orjson.dumps({"t_in": 1, "t_out": 2, "flow": 3, "load": 4, "power": power, "boot": boot, "seq": seq})
-
     for seq in (1, 2, 5):
-        t.inject("s/d1/boiler", reading(seq))
+        t.inject("s/d1/boiler", _reading(seq))
     drain(agent)
-    t.inject("s/d1/boiler", reading(3))  # late: out of order
-    t.inject("s/d1/boiler", reading(2), dup=True)  # the broker redelivering a stored reading
-    t.inject("s/d1/boiler", reading(1, boot="b2"))  # the sensor rebooted: a new sequence
-    t.inject("s/d2/boiler", reading(1))  # another device has its own sequence
+    t.inject("s/d1/boiler", _reading(3))  # late (brokers reorder after reconnects): learned
+    t.inject("s/d1/boiler", _reading(2), dup=True)  # the broker redelivering a stored reading
+    t.inject("s/d1/boiler", _reading(3))  # the late one again: now a redelivery
+    t.inject("s/d1/boiler", _reading(4, power=9.0))
+    t.inject("s/d1/boiler", _reading(4, power=1.0))  # same id, other content: a dead letter
+    drain(agent)
+    dead = [orjson.loads(p)["reason"] for topic, p, _, _ in t.published if topic.endswith("dead-letter")]
+    assert dead == ["duplicate_id"]
+    assert agent.counters["late"] == 2 and agent.counters["redeliveries"] == 2
+    assert agent.counters["processed"] == 5
+    assert agent.runners["boiler"].counters["learned_count"] == 5
+    agent.store.close()
+
+
+def test_with_out_of_order_dead_letter_sequence_numbers_going_back_are_dead_letters(store_path: Path) -> None:
+    agent, t, _ = make(store_path, out_of_order="dead_letter")
+    for seq in (1, 2, 5):
+        t.inject("s/d1/boiler", _reading(seq))
+    drain(agent)
+    t.inject("s/d1/boiler", _reading(3))  # late: out of order
+    t.inject("s/d1/boiler", _reading(2), dup=True)  # the broker redelivering a stored reading
+    t.inject("s/d1/boiler", _reading(1, boot="b2"))  # the sensor rebooted: a new sequence
+    t.inject("s/d2/boiler", _reading(1))  # another device has its own sequence
     drain(agent)
     dead = [orjson.loads(p) for topic, p, _, _ in t.published if topic.endswith("dead-letter")]
     assert [(d["reason"], d["detail"]) for d in dead] == [("out_of_order", "sequence 3 after 5 on d1|b")]
     assert agent.counters["redeliveries"] == 1 and agent.counters["processed"] == 5
     agent.store.close()
     # the highest sequence per device and boot survives a restart
-    again, t2, _ = make(store_path)
-    t2.inject("s/d1/boiler", reading(4))
+    again, t2, _ = make(store_path, out_of_order="dead_letter")
+    t2.inject("s/d1/boiler", _reading(4))
     drain(again)
     assert [orjson.loads(p)["reason"] for topic, p, _, _ in t2.published if topic.endswith("dead-letter")] == [
         "out_of_order"]

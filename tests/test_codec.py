@@ -140,3 +140,18 @@ def test_generated_objects_either_decode_cleanly_or_are_rejected(codec: Codec, b
         assert exc.reason and exc.detail
         return
     assert all(isinstance(v, float) and abs(v) <= 1e9 for v in reading.features)
+
+
+def test_fields_the_stream_does_not_name_are_dead_letters_unless_ignored(codec: Codec) -> None:
+    with pytest.raises(DecodeError) as err:
+        codec.decode("s/dev1/boiler", good(rssi=-70), NOW)
+    assert err.value.reason == "unexpected_field" and "rssi" in err.value.detail
+    with pytest.raises(DecodeError) as err:  # label messages of a topic-label stream as well
+        codec.decode("lab/1", orjson.dumps({"id": "m1", "c": "x", "note": "hi"}), NOW)
+    assert err.value.reason == "unexpected_field"
+    assert codec.decode("lab/1", orjson.dumps({"id": "m1", "c": "x"}), NOW).target == 0.0
+    lenient = Codec(parse_config({"streams": [{
+        "name": "boiler", "topic": "s/+/boiler", "features": ["a", "b"], "label": {"field": "y"},
+        "extra_fields": "ignore",
+    }]}).streams)
+    assert lenient.decode("s/dev1/boiler", good(rssi=-70), NOW).features == [1.5, 2.0]
