@@ -173,7 +173,9 @@ class RollbackGuard:
     def observe(self, learner: Learner, serving: int, healthy: bool) -> None:
         """After a successful step: maybe take a snapshot."""
         self._since_snapshot += 1
-        if healthy and self._since_snapshot >= self.snapshot_every:
+        # not during a trial: the live model is suspect until the trial ends (a burst of wrong
+        # labels lowers the fast/slow loss ratio again within a few hundred readings)
+        if healthy and self._shadow is None and self._since_snapshot >= self.snapshot_every:
             self._snapshots.append((learner.version, learner.net.params[serving].copy(), learner.target.state()))
             self._snapshots = self._snapshots[-3:]
             self._since_snapshot = 0

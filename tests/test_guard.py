@@ -1,0 +1,71 @@
+"""The poison guard: label outliers are skipped, a burst of wrong labels is rolled back, a real drift is not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from streamlearn.config import parse_config
+from streamlearn.stream import Slot
+
+
+def make_slot(**guard: Any) -> Slot:
+    cfg = parse_config({"streams": [{
+        "name": "s", "topic": "s/#", "features": ["a", "b", "c"], "label": {"field": "y"},
+        "schedule": {"policy": "constant"}, "optimizer": {"lr": 0.05}, "guard": guard,
+    }]})
+    return Slot("d", cfg.streams[0])
+
+
+def run(slot: Slot, n: int, rng: np.random.Generator, w: np.ndarray, flip_mean: float | None = None,
+        scale: float = 1.0) -> list[tuple[Any, ...]]:
+    events = []
+    for _ in range(n):
+        values = rng.normal(size=3)
+        y = float(values @ w + 10.0 + 0.1 * rng.normal())
+        if flip_mean is not None:
+            y = 2 * flip_mean - y
+        y *= scale
+        x = slot.features_for("d", values.tolist())
+        _, ev = slot.learn(x, y, slot.predict(x))
+        events += ev
+    return events
+
+
+def rollbacks(events: list[tuple[Any, ...]]) -> int:
+    return sum(1 for e in events if e[0] == "guard" and e[2] == "rollback")
+
+
+def test_a_burst_of_mirrored_labels_is_rolled_back() -> None:
+    rng = np.random.default_rng(0)
+    w = np.array([3.0, -2.0, 1.0])
+    slot = make_slot()
+    assert rollbacks(run(slot, 3000, rng, w)) == 0  # a healthy stream: never
+    burst = run(slot, 300, rng, w, flip_mean=10.0)
+    after = run(slot, 1500, rng, w)
+    assert rollbacks(burst + after) == 1
+    # and the model it went back to is good: the error is back near the noise level
+    assert slot.drift.loss.fast < 0.1
+
+
+def test_a_real_drift_is_not_rolled_back_even_after_an_earlier_trial() -> None:
+    rng = np.random.default_rng(1)
+    slot = make_slot()
+    run(slot, 3000, rng, np.array([3.0, -2.0, 1.0]))
+    events = run(slot, 3000, rng, np.array([-3.0, 2.0, 4.0]))  # the concept changed for good
+    assert rollbacks(events) == 0
+    # a mirrored burst later still gets a trial of its own, and is rolled back
+    burst = run(slot, 300, rng, np.array([-3.0, 2.0, 4.0]), flip_mean=10.0)
+    assert rollbacks(burst + run(slot, 1500, rng, np.array([-3.0, 2.0, 4.0]))) == 1
+
+
+def test_label_spikes_are_skipped_and_counted_not_learned() -> None:
+    rng = np.random.default_rng(2)
+    w = np.array([3.0, -2.0, 1.0])
+    slot = make_slot(rollback=False)
+    run(slot, 2000, rng, w)
+    before = slot.learner.net.params.copy()
+    run(slot, 20, rng, w, scale=1e6)
+    assert slot.learner.n_outliers == 20
+    assert np.array_equal(before, slot.learner.net.params)  # not one step on them
