@@ -202,6 +202,10 @@ class Agent:
                 delay = min(delay * 2, 5.0)
                 continue
             break
+        duration = getattr(self.store, "last_checkpoint_ms", None)  # of a checkpoint in the batch
+        if duration is not None:
+            self.last_checkpoint_ms = duration
+            self.max_checkpoint_ms = max(self.max_checkpoint_ms, duration)
         if self.last_error is not None and self.last_error.startswith("store"):
             logger.info("the store accepts writes again")
             self.last_error = None

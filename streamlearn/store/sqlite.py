@@ -114,7 +114,7 @@ class SQLiteStore:
         self._fault = fault_hook or (lambda point: None)
         self.synchronous = synchronous.upper()
         self._in_batch = False
-        self._batch_checkpoint: tuple[int, float] | None = None  # (id, started) of a checkpoint in the batch
+        self._batch_checkpoint: tuple[int, float] | None = None  # (id, ms to write) of a checkpoint in the batch
         self.last_checkpoint_ms = 0.0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +245,7 @@ class SQLiteStore:
         checkpoint = self._batch_checkpoint
         if checkpoint is not None:
             self._fault("checkpoint:before_commit")
+        commit_started = time.perf_counter()
         try:
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -255,7 +256,8 @@ class SQLiteStore:
             self._batch_checkpoint = None
         if checkpoint is not None:
             self._fault("checkpoint:after_commit")
-            self._record_duration(*checkpoint)
+            checkpoint_id, write_ms = checkpoint
+            self._record_duration(checkpoint_id, write_ms + (time.perf_counter() - commit_started) * 1000.0)
 
     def rollback(self) -> None:
         self._in_batch = False
@@ -320,12 +322,13 @@ class SQLiteStore:
         Inside a staged batch the checkpoint becomes part of the batch's transaction;
         otherwise it is its own transaction, committed without an fsync. ``started``
         (a ``time.perf_counter()`` value) is when the caller began collecting the
-        state, so the recorded duration is the whole stall.
+        state, so the recorded duration is the whole stall: collecting, writing and
+        the COMMIT (in a batch, not the rest of the batch's work around it).
         """
         started = time.perf_counter() if started is None else started
         if self._in_batch:
             checkpoint_id = self._write_checkpoint_rows(position, slots, streams, metrics, reason, events)
-            self._batch_checkpoint = (checkpoint_id, started)
+            self._batch_checkpoint = (checkpoint_id, (time.perf_counter() - started) * 1000.0)
             return checkpoint_id
         self._conn.execute("PRAGMA synchronous=NORMAL")
         try:
@@ -335,7 +338,7 @@ class SQLiteStore:
             except StoreError:
                 self.rollback()
                 raise
-            self._batch_checkpoint = (checkpoint_id, started)
+            self._batch_checkpoint = (checkpoint_id, (time.perf_counter() - started) * 1000.0)
             self.commit()
         finally:
             self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -392,9 +395,9 @@ class SQLiteStore:
             raise StoreError(f"{self.path}: checkpoint write failed: {exc}") from None
         return checkpoint_id
 
-    def _record_duration(self, checkpoint_id: int, started: float) -> None:
+    def _record_duration(self, checkpoint_id: int, duration_ms: float) -> None:
         """Store the whole stall (collecting, writing, committing) of a committed checkpoint."""
-        self.last_checkpoint_ms = (time.perf_counter() - started) * 1000.0
+        self.last_checkpoint_ms = duration_ms
         try:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("UPDATE checkpoints SET duration_ms = ? WHERE id = ?",
