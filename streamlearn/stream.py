@@ -357,19 +357,25 @@ class Slot:
         # classification is watched through its error rate: the log loss of a confident model on
         # noisy labels keeps rising with no drift at all (measured on river's Hyperplane)
         signal = self.drift.update(float(loss[serving]) if error is None else error, error)
+        self._after_monitor(signal, t, events)
+        return score, events
+
+    def _after_monitor(self, signal: Any, t: int, events: list[tuple[Any, ...]]) -> None:
+        """A drift signal goes to the policy (and into the history); the guard watches the loss."""
         if signal is not None:
             lr_before = self.lr
             decision = self.policy.on_drift(self.learner, t)
             action, lr_after = (decision.action, decision.lr_after) if decision else ("none", lr_before)
             events.append(("+".join(signal.detectors), signal.statistic, action, lr_before, lr_after,
                            signal.loss_before))
+        guard = self.guard
         if guard is not None:
             monitor = self.drift.loss
-            ratio = monitor.fast / max(monitor.slow, self.drift.loss_floor if error is None else 1e-12)
+            floor = self.drift.loss_floor if self.task == "regression" else 1e-12
+            ratio = monitor.fast / max(monitor.slow, floor)
             if monitor.n > 500:
                 guard.watch(self.learner, spiking=ratio > 3.0, drift=signal is not None)
             guard.observe(self.learner, self.policy.serving(), healthy=ratio < 1.5)
-        return score, events
 
     def predict_many(self, X: np.ndarray) -> np.ndarray:
         """Served predictions for a batch, all from the model as it is now."""
@@ -415,19 +421,7 @@ class Slot:
             found = self.drift.update(value, error)
             if found is not None and signal is None:
                 signal = found
-        if signal is not None:
-            lr_before = self.lr
-            decision = self.policy.on_drift(self.learner, t)
-            action, lr_after = (decision.action, decision.lr_after) if decision else ("none", lr_before)
-            events.append(("+".join(signal.detectors), signal.statistic, action, lr_before, lr_after,
-                           signal.loss_before))
-        if guard is not None:
-            monitor = self.drift.loss
-            classify = self.task != "regression"
-            ratio = monitor.fast / max(monitor.slow, 1e-12 if classify else self.drift.loss_floor)
-            if monitor.n > 500:
-                guard.watch(self.learner, spiking=ratio > 3.0, drift=signal is not None)
-            guard.observe(self.learner, self.policy.serving(), healthy=ratio < 1.5)
+        self._after_monitor(signal, t, events)
         return events
 
     def to_state(self, stream: str) -> SlotState:
