@@ -4,7 +4,7 @@ One pass of the loop::
 
     transport.receive(batch)
       -> decode + validate each message (bad ones become dead letters)
-      -> drop redeliveries; reject sequence numbers that go backwards
+      -> drop redeliveries (late readings are learned; see _is_new)
       -> store.begin; store.stage(inbox rows, dead letters)       positions assigned
       -> for each new row, in order: StreamRunner.handle -> publish predictions;
          every N rows or T seconds a checkpoint joins the batch's transaction
@@ -202,10 +202,7 @@ class Agent:
                 delay = min(delay * 2, 5.0)
                 continue
             break
-        duration = getattr(self.store, "last_checkpoint_ms", None)  # of a checkpoint in the batch
-        if duration is not None:
-            self.last_checkpoint_ms = duration
-            self.max_checkpoint_ms = max(self.max_checkpoint_ms, duration)
+        self._note_checkpoint_duration()  # of a checkpoint that joined the batch
         if self.last_error is not None and self.last_error.startswith("store"):
             logger.info("the store accepts writes again")
             self.last_error = None
@@ -413,13 +410,18 @@ class Agent:
         self.counters["checkpoints"] += 1
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
-        duration = getattr(self.store, "last_checkpoint_ms", None)
-        if duration is not None and not getattr(self.store, "in_batch", False):
-            self.last_checkpoint_ms = duration
-            self.max_checkpoint_ms = max(self.max_checkpoint_ms, duration)
+        if not getattr(self.store, "in_batch", False):  # else known at the batch's commit
+            self._note_checkpoint_duration()
         if self.last_error is not None and self.last_error.startswith("store"):
             self.last_error = None
         return True
+
+    def _note_checkpoint_duration(self) -> None:
+        """The store's figure of its last committed checkpoint, for the health report."""
+        duration = getattr(self.store, "last_checkpoint_ms", None)
+        if duration is not None:
+            self.last_checkpoint_ms = duration
+            self.max_checkpoint_ms = max(self.max_checkpoint_ms, duration)
 
     # -- health ---------------------------------------------------------------------------
 

@@ -338,12 +338,7 @@ class Slot:
             error = self.metrics.record_class(int(y), probs)
             live_error = error
         events: list[tuple[Any, ...]] = []
-        guard = self.guard
-        if guard is not None and guard.in_trial and guard.compare(x, live_error, y):
-            lr = self.lr
-            step = guard.roll_back(self.learner)
-            logger.info("rolled back model %s to its snapshot of step %d: it predicts clearly better", self.key, step)
-            events.append(("guard", None, "rollback", lr, lr, self.drift.loss.slow))
+        self._guard_compare(x, live_error, y, events)
         serving = self.policy.serving()
         self.learner.lr = self.policy.lr()
         loss = self.learner.learn_one(x, y)
@@ -359,6 +354,15 @@ class Slot:
         signal = self.drift.update(float(loss[serving]) if error is None else error, error)
         self._after_monitor(signal, t, events)
         return score, events
+
+    def _guard_compare(self, x: np.ndarray, live_error: float, y: float, events: list[tuple[Any, ...]]) -> None:
+        """During a guard trial, score the snapshot on this reading and roll back if it wins."""
+        guard = self.guard
+        if guard is not None and guard.in_trial and guard.compare(x, live_error, y):
+            lr = self.lr
+            step = guard.roll_back(self.learner)
+            logger.info("rolled back model %s to its snapshot of step %d: it predicts clearly better", self.key, step)
+            events.append(("guard", None, "rollback", lr, lr, self.drift.loss.slow))
 
     def _after_monitor(self, signal: Any, t: int, events: list[tuple[Any, ...]]) -> None:
         """A drift signal goes to the policy (and into the history); the guard watches the loss."""
@@ -389,7 +393,6 @@ class Slot:
         self.dirty = True
         monitor_values: list[tuple[float, float | None]] = []
         events: list[tuple[Any, ...]] = []
-        guard = self.guard
         std = self.learner.target.std
         for x, y, p in zip(X, ys, predicted):
             if self.task == "regression":
@@ -401,11 +404,7 @@ class Slot:
                     else np.asarray(p, dtype=np.float64)
                 live_error = self.metrics.record_class(int(y), probs)
                 monitor_values.append((live_error, live_error))
-            if guard is not None and guard.in_trial and guard.compare(x, live_error, y):
-                lr = self.lr
-                step = guard.roll_back(self.learner)
-                logger.info("rolled back model %s to its snapshot of step %d", self.key, step)
-                events.append(("guard", None, "rollback", lr, lr, self.drift.loss.slow))
+            self._guard_compare(x, live_error, y, events)
         self.metrics.batched += len(ys)
         self.learner.lr = self.policy.lr()
         loss = self.learner.learn_many(X, np.asarray(ys, dtype=np.float64))

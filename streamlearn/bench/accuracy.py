@@ -37,6 +37,7 @@ error in the ``window`` samples after each drift and the samples until the
 
 from __future__ import annotations
 
+import abc
 import csv
 import itertools
 import math
@@ -124,18 +125,18 @@ def samples(spec: BenchStream, seed: int) -> Iterator[tuple[list[float], float]]
 # -- models --------------------------------------------------------------------------------
 
 
-class Model:
+class Model(abc.ABC):
     """``predict(values) -> (prediction, memo)``; later ``learn(memo, y, prediction)``.
 
     The memo is what the model needs to learn from that reading once its target is
     known (the scaled feature vector for a streamlearn slot, the raw values for river).
     """
 
-    def predict(self, values: list[float]) -> tuple[Any, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def predict(self, values: list[float]) -> tuple[Any, Any]: ...
 
-    def learn(self, memo: Any, y: float, prediction: Any) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def learn(self, memo: Any, y: float, prediction: Any) -> None: ...
 
 
 class SlotModel(Model):

@@ -32,6 +32,7 @@ load on a shared machine; wall-clock rates are not, so the background load
 
 from __future__ import annotations
 
+import abc
 import ast
 import os
 import queue
@@ -107,7 +108,7 @@ class Settings:
 # -- consumers: the agent and the echo ---------------------------------------------------
 
 
-class Consumer:
+class Consumer(abc.ABC):
     kind = ""
     reply_filter = ""
     status_topic = ""
@@ -149,15 +150,15 @@ class Consumer:
             return "no log"
         return Path(path).read_text(errors="replace")[-500:]
 
-    def _spawn(self) -> Child:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _spawn(self) -> Child: ...
 
     def snapshot(self) -> dict[str, Any]:
         st = proc_status(self.pid)
         return {"cpu_s": proc_cpu_seconds(self.pid), "vmhwm_kb": st.get("VmHWM"), "vmrss_kb": st.get("VmRSS")}
 
-    def stop(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def stop(self) -> dict[str, Any]: ...
 
 
 class AgentConsumer(Consumer):

@@ -19,12 +19,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import stat
 import tempfile
 from pathlib import Path
 
 from streamlearn.errors import TransportError
+
+logger = logging.getLogger(__name__)
 
 LOCK_DIR_NAME = "streamlearn-locks"
 
@@ -105,8 +108,8 @@ class ClientIdLock:
             try:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()} {self.host}:{self.port} {self.client_id}\n".encode(), 0)
-            except OSError:
-                pass  # read-only (another user's file): the lock holds, the pid is not recorded
+            except OSError as exc:  # read-only (another user's file): the lock holds, the pid is not recorded
+                logger.debug("cannot record our pid in %s: %s", self.path, exc)
         except BaseException:
             os.close(fd)
             raise
