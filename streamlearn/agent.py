@@ -7,7 +7,8 @@ One pass of the loop::
       -> drop redeliveries (late readings are learned; see _is_new)
       -> store.begin; store.stage(inbox rows, dead letters)       positions assigned
       -> for each new row, in order: StreamRunner.handle -> publish predictions;
-         every N rows or T seconds a checkpoint joins the batch's transaction
+         every N rows or T seconds a checkpoint begins (at that row's position)
+      -> one step of a checkpoint under way (a few models; see checkpointing.py)
       -> store.commit (the fsync)  -> transport.ack(batch)  -> publish dead letters
 
 Predictions go out before the commit, so the fsync is not on their path. If the
@@ -31,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from streamlearn.checkpointing import PendingCheckpoint
 from streamlearn.clock import Clock, SystemClock
 from streamlearn.codec import Codec, Reading
 from streamlearn.config import Config
@@ -79,6 +81,7 @@ class Agent:
                          "reloads": 0}
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
+        self._pending: PendingCheckpoint | None = None  # a checkpoint being written in steps
         self._last_health = 0.0
         self._recovered = False
         self._uncommitted = False  # the in-memory state has learned from rows not yet committed
@@ -95,6 +98,7 @@ class Agent:
 
     def recover(self) -> int:
         """Load the last checkpoint and replay the inbox after it; returns rows replayed."""
+        self._pending = None
         checkpoint = self.store.load_checkpoint()
         self.position = 0
         if checkpoint is not None:
@@ -162,7 +166,7 @@ class Agent:
                     break
         finally:
             try:
-                if self._since_checkpoint:
+                if self._since_checkpoint or self._pending is not None:
                     self.checkpoint("shutdown")
             finally:
                 self.publish_health(state="stopped")
@@ -170,9 +174,12 @@ class Agent:
 
     def step(self, timeout: float = 0.2) -> int:
         """Take one batch from the transport and process it; returns messages taken."""
-        batch = self.transport.receive(self.config.agent.batch_max, timeout)
+        # with a checkpoint under way, take what is there and write the next step of it
+        batch = self.transport.receive(self.config.agent.batch_max, 0.0 if self._pending else timeout)
         if batch:
             self.ingest(batch)
+        elif self._pending is not None:
+            self._checkpoint_step_alone()
         self.maybe_checkpoint()
         if self.clock.monotonic() - self._last_health >= HEALTH_EVERY_SECONDS:
             self.publish_health()
@@ -188,8 +195,11 @@ class Agent:
         delay = 0.1
         while True:
             self._uncommitted = False
+            completes = False
             try:
                 dead = self._ingest_once(batch)
+                if self._pending is not None:
+                    completes = self._checkpoint_step()
                 self.store.commit()
             except StoreError as exc:
                 self._store_failed(exc, len(batch))
@@ -202,7 +212,9 @@ class Agent:
                 delay = min(delay * 2, 5.0)
                 continue
             break
-        self._note_checkpoint_duration()  # of a checkpoint that joined the batch
+        if completes:
+            self.counters["checkpoints"] += 1
+        self._note_checkpoint_duration()  # of a checkpoint step that joined the batch
         if self.last_error is not None and self.last_error.startswith("store"):
             logger.info("the store accepts writes again")
             self.last_error = None
@@ -370,51 +382,89 @@ class Agent:
     # -- checkpoints ------------------------------------------------------------------
 
     def maybe_checkpoint(self) -> None:
-        if self._since_checkpoint == 0:
+        """Begin a checkpoint when one is due (and none is under way)."""
+        if self._since_checkpoint == 0 or self._pending is not None:
             return
         cfg = self.config.store
         due = self._since_checkpoint >= cfg.checkpoint_every_messages or (
             self.clock.monotonic() - self._last_checkpoint >= cfg.checkpoint_every_seconds
         )
         if due:
-            self.checkpoint("interval")
+            self._begin_checkpoint("interval")
 
-    def checkpoint(self, reason: str) -> bool:
-        """Write every changed model and the position in one transaction.
+    def _begin_checkpoint(self, reason: str) -> None:
+        """Name what the checkpoint at the current position holds; steps write it."""
+        self.store.discard_incomplete()  # of one abandoned after a failed step
+        self._pending = PendingCheckpoint(self.store.next_checkpoint_id(), self.position, reason, self.runners)
+        self._since_checkpoint = 0
+        self._last_checkpoint = self.clock.monotonic()
 
-        Inside a staged batch it becomes part of the batch's transaction (and of its
-        fate); otherwise it is written and committed on its own.
-        """
-        started = time.perf_counter()
-        slots = []
-        for runner in self.runners.values():
-            slots.extend(runner.dirty_slots())
-        streams = {name: r.state() for name, r in self.runners.items()}
-        metrics = [r.metrics_row() for r in self.runners.values()]
-        events = [e for r in self.runners.values() for e in r.take_events()]
+    def _checkpoint_step(self, budget_s: float | None = None) -> bool:
+        """One step of the checkpoint under way, in the open transaction (and of its fate);
+        True when it completes the checkpoint."""
+        pending = self._pending
+        assert pending is not None
+        budget = self.config.store.checkpoint_step_ms / 1000.0 if budget_s is None else budget_s
+        if not pending.step(self.store, budget):
+            return False
+        self._pending = None
+        return True
+
+    def _checkpoint_step_alone(self, budget_s: float | None = None) -> bool:
+        """One step in a transaction of its own, committed without an fsync; False when the
+        store refused it (the checkpoint is abandoned, its models stay in memory)."""
+        pending = self._pending
+        assert pending is not None
         try:
-            self.store.write_checkpoint(self.position, slots, streams, metrics, reason, events, started=started)
+            self.store.begin(durable=False)
+            try:
+                completes = self._checkpoint_step(budget_s)
+                self.store.commit()
+            except StoreError:
+                if self.store.in_batch:
+                    self.store.rollback()
+                raise
         except StoreError as exc:
-            if getattr(self.store, "in_batch", False):
-                raise  # the batch fails with it and is retried after a reload
+            self._pending = None
+            pending.abandon()
             self.counters["store_errors"] += 1
             self.last_error = f"store: {exc}"
             logger.error("checkpoint failed (state stays in memory, retried later): %s", exc)
-            for runner in self.runners.values():  # write them again next time
-                for slot in runner.slots.values():
-                    slot.dirty = True
-                runner.events[:0] = [e for e in events if e.stream == runner.name]
+            self._since_checkpoint = max(self._since_checkpoint, 1)
             self._last_checkpoint = self.clock.monotonic()
             self.publish_health()
             return False
-        self.counters["checkpoints"] += 1
-        self._since_checkpoint = 0
-        self._last_checkpoint = self.clock.monotonic()
-        if not getattr(self.store, "in_batch", False):  # else known at the batch's commit
-            self._note_checkpoint_duration()
-        if self.last_error is not None and self.last_error.startswith("store"):
-            self.last_error = None
+        self._note_checkpoint_duration()
+        if completes:
+            self.counters["checkpoints"] += 1
+            if self.last_error is not None and self.last_error.startswith("store"):
+                self.last_error = None
         return True
+
+    def checkpoint(self, reason: str) -> bool:
+        """Write a complete checkpoint of the current state now, in as many steps as it takes
+        (first completing one under way); False when the store refused it.
+
+        Outside a staged batch only (shutdown, the end of a replay, tests, benchmarks).
+        """
+        assert not getattr(self.store, "in_batch", False), "checkpoint() inside a batch: use maybe_checkpoint"
+        if self._pending is not None:
+            position = self._pending.position
+            if not self._complete_alone():
+                return False
+            if position == self.position and not self._any_dirty():
+                return True
+        self._begin_checkpoint(reason)
+        return self._complete_alone()
+
+    def _complete_alone(self) -> bool:
+        while self._pending is not None:
+            if not self._checkpoint_step_alone(budget_s=float("inf")):
+                return False
+        return True
+
+    def _any_dirty(self) -> bool:
+        return any(slot.dirty for runner in self.runners.values() for slot in runner.slots.values())
 
     def _note_checkpoint_duration(self) -> None:
         """The store's figure of its last committed checkpoint, for the health report."""
@@ -436,6 +486,7 @@ class Agent:
             **self.counters,
             "last_checkpoint_ms": self.last_checkpoint_ms,
             "max_checkpoint_ms": self.max_checkpoint_ms,
+            "checkpoint_models_left": None if self._pending is None else self._pending.remaining,
             "transport": transport,
             "streams": {name: {"models": len(r.slots), **r.counters} for name, r in self.runners.items()},
         }

@@ -344,6 +344,9 @@ class StoreConfig(_Section):
     synchronous: Literal["normal", "full"] = "full"
     checkpoint_every_messages: int = Field(1000, ge=1)
     checkpoint_every_seconds: PositiveFloat = 10.0
+    # a checkpoint with many changed models (one per device) is written in steps, one per
+    # batch of messages, each stopping after this many milliseconds of work
+    checkpoint_step_ms: PositiveFloat = 1.0
     inbox_retention: int = Field(100_000, ge=0)
     dead_letter_retention: int = Field(100_000, ge=0)
     dead_letter_payload_bytes: int = Field(4096, ge=0)

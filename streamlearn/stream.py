@@ -446,6 +446,13 @@ class Slot:
             },
         )
 
+    def snapshot(self, stream: str) -> SlotState:
+        """``to_state`` as a copy that later learning cannot change (tensors copied, state serialised)."""
+        saved = self.to_state(stream)
+        saved.tensors = {name: np.array(arr, copy=True) for name, arr in saved.tensors.items()}
+        saved.state_json = orjson.dumps(saved.state, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+        return saved
+
     def load(self, saved: SlotState, horizon: int) -> None:
         self.learner.load_state({k: v for k, v in saved.tensors.items() if not k.startswith("guard.")},
                                 saved.state["learner"])
@@ -494,6 +501,10 @@ class StreamRunner:
         self.events: list[DriftEvent] = []  # since the last checkpoint
         # the highest sequence number seen per sequence scope (device and boot), newest scopes last
         self.last_seq: OrderedDict[str, int] = OrderedDict()
+        # a checkpoint being written in steps: models it still has to write, as they were at its
+        # position (a model about to change is snapshotted first, see _before_change)
+        self._capture_pending: set[str] = set()
+        self._captured: dict[str, SlotState] = {}
 
     # -- slots --------------------------------------------------------------------
 
@@ -501,11 +512,19 @@ class StreamRunner:
         return device if self.config.per_device else SHARED
 
     def _slot(self, device: str) -> Slot:
+        """The model of ``device``, about to change."""
         key = self.slot_key(device)
         slot = self.slots.get(key)
         if slot is None:
             slot = self.slots[key] = Slot(key, self.config, self._scratch)
+        elif self._capture_pending and key in self._capture_pending:
+            self._before_change(slot)
         return slot
+
+    def _before_change(self, slot: Slot) -> None:
+        """Copy-on-write for a checkpoint being written: keep the model as it was at its position."""
+        self._capture_pending.discard(slot.key)
+        self._captured[slot.key] = slot.snapshot(self.name)
 
     # -- the pipeline ------------------------------------------------------------------
 
@@ -662,6 +681,8 @@ class StreamRunner:
         if item is None or slot is None:
             self.counters["labels_unmatched"] += 1
             return
+        if slot.key in self._capture_pending:
+            self._before_change(slot)
         _, x, pred, phash, _ = item
         self._learn(slot, x, reading.target, pred, phash, row, out, replay)
 
@@ -703,12 +724,46 @@ class StreamRunner:
     # -- state ----------------------------------------------------------------------
 
     def dirty_slots(self) -> list[SlotState]:
+        """The changed models' states, all at once (marks them saved)."""
         out = []
         for slot in self.slots.values():
             if slot.dirty:
                 out.append(slot.to_state(self.name))
                 slot.dirty = False
         return out
+
+    # A checkpoint written in steps (see streamlearn.checkpointing): begin_capture names the
+    # changed models at the checkpoint's position; take_capture hands each one over, as it
+    # was then; end_capture or abandon_capture closes it.
+
+    def begin_capture(self) -> list[str]:
+        """The keys of the models changed since the last checkpoint (now marked saved)."""
+        assert not self._capture_pending and not self._captured, "a capture is already open"
+        keys = [key for key, slot in self.slots.items() if slot.dirty]
+        for key in keys:
+            self.slots[key].dirty = False
+        self._capture_pending = set(keys)
+        return keys
+
+    def take_capture(self, key: str) -> SlotState:
+        """Model ``key`` as it was when the capture began."""
+        saved = self._captured.pop(key, None)
+        if saved is not None:
+            return saved
+        self._capture_pending.discard(key)
+        return self.slots[key].to_state(self.name)  # unchanged since: the live state is that state
+
+    def end_capture(self) -> None:
+        assert not self._capture_pending and not self._captured, "models of the capture were not taken"
+
+    def abandon_capture(self, keys: list[str]) -> None:
+        """The checkpoint was not written: these models count as changed again."""
+        for key in keys:
+            slot = self.slots.get(key)
+            if slot is not None:
+                slot.dirty = True
+        self._capture_pending.clear()
+        self._captured.clear()
 
     def take_events(self) -> list[DriftEvent]:
         events, self.events = self.events, []

@@ -17,7 +17,7 @@ from streamlearn.store import SQLiteStore
 from streamlearn.transport.memory import MemoryTransport
 
 
-def config(store: Path, micro_batch: bool = False, **stream: Any) -> Config:
+def config(store: Path, micro_batch: bool = False, step_ms: float = 2.0, **stream: Any) -> Config:
     """Strict test-then-train unless ``micro_batch``: bit-exact replay needs it (micro-batches
     depend on how messages happened to arrive)."""
     s = {
@@ -26,7 +26,8 @@ def config(store: Path, micro_batch: bool = False, **stream: Any) -> Config:
         "id_fields": ["boot", "seq"], "sequence_field": "seq",
     }
     s.update(stream)
-    return parse_config({"store": {"path": str(store), "checkpoint_every_messages": 250},
+    return parse_config({"store": {"path": str(store), "checkpoint_every_messages": 250,
+                                   "checkpoint_step_ms": step_ms},
                          "agent": {"batch_max": 64, "micro_batch": micro_batch}, "streams": [s]})
 
 
@@ -35,8 +36,9 @@ def drain(agent: Agent) -> None:
         pass
 
 
-def make(store_path: Path, micro_batch: bool = False, **stream: Any) -> tuple[Agent, MemoryTransport, Config]:
-    cfg = config(store_path, micro_batch, **stream)
+def make(store_path: Path, micro_batch: bool = False, step_ms: float = 2.0,
+         **stream: Any) -> tuple[Agent, MemoryTransport, Config]:
+    cfg = config(store_path, micro_batch, step_ms, **stream)
     transport = MemoryTransport()
     agent = Agent(cfg, transport, open_store(cfg))
     agent.recover()
@@ -163,6 +165,44 @@ def test_a_crash_and_replay_land_on_the_same_model(tmp_path: Path, source: str) 
         for key, slot in runner.slots.items():
             np.testing.assert_array_equal(slot.learner.net.params, other.slots[key].learner.net.params)
         assert runner.counters == other.counters
+    straight.store.close()
+    resumed.store.close()
+
+
+def test_a_checkpoint_written_in_steps_resumes_exactly(tmp_path: Path) -> None:
+    """One model per step (a tiny step budget) and twelve device models: a checkpoint takes
+    twelve batches to complete, and the models learn meanwhile. Kill the agent while one is
+    half written: the restart ignores its rows, loads the previous one, and lands on the
+    same models as a run straight through."""
+    cfg = config(tmp_path / "x.db", step_ms=1e-6)
+    messages = list(SensorSimulator(cfg.streams[0], devices=12, seed=11).messages(3000))
+    straight, t1, _ = make(tmp_path / "straight.db", step_ms=1e-6)
+    run_messages(straight, t1, messages)
+    straight.checkpoint("end")
+    spans = [r[0] for r in straight.store._conn.execute("SELECT slots_written FROM checkpoints WHERE reason = 'interval'")]
+    assert spans and max(spans) == 12
+
+    crashing, t2, _ = make(tmp_path / "crash.db", step_ms=1e-6)
+    sent = 0
+    while sent < 2000 or crashing._pending is None or crashing._pending.slots_written < 3:
+        assert sent < len(messages), "no checkpoint was caught half written"
+        run_messages(crashing, t2, messages[sent:sent + 64])
+        sent += 64
+    conn = crashing.store._conn
+    half = conn.execute("SELECT count(*) FROM models WHERE checkpoint_id > (SELECT coalesce(max(id), 0) FROM checkpoints)").fetchone()[0]
+    assert half >= 3  # model rows of the checkpoint under way are committed...
+    assert conn.execute("SELECT count(*) FROM current_models").fetchone()[0] == 12  # ...and not the current ones
+    crashing.store.close()  # the process dies mid-checkpoint
+    resumed, t3, _ = make(tmp_path / "crash.db", step_ms=1e-6)
+    conn = resumed.store._conn
+    assert conn.execute("SELECT count(*) FROM models WHERE checkpoint_id > (SELECT coalesce(max(id), 0) FROM checkpoints)").fetchone()[0] == 0
+    run_messages(resumed, t3, messages[sent:])
+    resumed.checkpoint("end")
+    for key, slot in straight.runners["boiler"].slots.items():
+        np.testing.assert_array_equal(slot.learner.net.params, resumed.runners["boiler"].slots[key].learner.net.params)
+    assert straight.runners["boiler"].counters == resumed.runners["boiler"].counters
+    # at most two rows per model: the current one and the one before it
+    assert conn.execute("SELECT max(n) FROM (SELECT count(*) AS n FROM models GROUP BY model_key)").fetchone()[0] <= 2
     straight.store.close()
     resumed.store.close()
 

@@ -143,7 +143,7 @@ def test_restart_by_sigterm_and_kill9_learns_every_reading_exactly_once(broker, 
     conn = reader.open_readonly(tmp_path / "s.db")
     keys = collections.Counter(k for (k,) in conn.execute("SELECT msg_key FROM inbox"))
     assert len(keys) == len(readings) and max(keys.values()) == 1
-    learned = sum(orjson.loads(s)["learner"]["n_learned"] for (s,) in conn.execute("SELECT state FROM models"))
+    learned = sum(orjson.loads(s)["learner"]["n_learned"] for (s,) in conn.execute("SELECT state FROM current_models"))
     assert learned == len(readings)  # the models resumed, they were not reset
     reasons = [r for (r,) in conn.execute("SELECT reason FROM checkpoints WHERE id > ?", (checkpoint_before,))]
     log = (tmp_path / "agent.log").read_text()

@@ -57,6 +57,35 @@ def test_checkpoints_round_trip_exactly(store_path: Path) -> None:
     again.close()
 
 
+def test_a_checkpoint_that_did_not_complete_is_ignored_and_deleted(store_path: Path) -> None:
+    store = SQLiteStore(store_path)
+    first = np.ones((1, 4), dtype=np.float32)
+    store.write_checkpoint(3, [SlotState("s", "a", {"params": first}, {"v": 1}),
+                               SlotState("s", "b", {"params": first}, {"v": 1})], {"s": {"n": 1}}, [], "test")
+    cid = store.next_checkpoint_id()
+    store.begin(durable=False)  # a checkpoint written in steps: one model, then the process dies
+    store.write_models(cid, [SlotState("s", "a", {"params": first * 2}, {"v": 2})])
+    store.commit()
+    store.close()
+    again = SQLiteStore(store_path)
+    cp = again.load_checkpoint()
+    assert cp is not None and cp.id == cid - 1 and cp.position == 3
+    assert [(s.model_key, s.state["v"]) for s in cp.slots] == [("a", 1), ("b", 1)]
+    assert again._conn.execute("SELECT count(*) FROM models").fetchone() == (2,)  # its row is gone
+    again.close()
+
+
+def test_a_model_keeps_at_most_two_rows(store_path: Path) -> None:
+    store = SQLiteStore(store_path)
+    for v in range(1, 5):
+        store.write_checkpoint(v, [SlotState("s", "a", {"params": np.full((1, 4), v, np.float32)}, {"v": v})],
+                               {}, [], "test")
+    rows = store._conn.execute("SELECT checkpoint_id FROM models ORDER BY checkpoint_id").fetchall()
+    assert rows == [(3,), (4,)]
+    assert store.load_checkpoint().slots[0].state == {"v": 4}
+    store.close()
+
+
 def test_checkpoint_prunes_the_inbox_behind_the_retention(store_path: Path) -> None:
     store = SQLiteStore(store_path, inbox_retention=5)
     store.append([row(i) for i in range(20)], [])
@@ -100,12 +129,15 @@ def test_an_old_store_is_migrated_and_migrations_are_recorded(store_path: Path) 
     migrations.apply(old, stop_before="m002_drift_events")  # a store written by the first release
     old.execute("INSERT INTO checkpoints (created_at, position, slots_written, bytes_written, duration_ms, reason)"
                 " VALUES (1, 5, 0, 0, 0, 'old')")
+    old.execute("INSERT INTO models (stream, model_key, tensors, state, checkpoint_id, updated_at)"
+                " VALUES ('s', 'd1', x'00', '{}', 1, 1)")
     old.conn.commit()
     old.close()
     SQLiteStore(store_path).close()
     conn = sqlite3.connect(store_path)
     assert [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")] == [
-        "m001_initial", "m002_drift_events", "m003_metrics_batched"]
+        "m001_initial", "m002_drift_events", "m003_metrics_batched", "m004_model_versions"]
     assert conn.execute("SELECT position FROM checkpoints").fetchone() == (5,)
+    assert conn.execute("SELECT stream, model_key, checkpoint_id FROM current_models").fetchall() == [("s", "d1", 1)]
     assert conn.execute("SELECT count(*) FROM drift_events").fetchone() == (0,)
     SQLiteStore(store_path).close()  # applying again is a no-op

@@ -230,7 +230,7 @@ class AgentConsumer(Consumer):
             last_seq = conn.execute("SELECT max(seq) FROM inbox").fetchone()[0] or 0
             cps = conn.execute("SELECT position, duration_ms, slots_written, bytes_written, reason"
                                " FROM checkpoints ORDER BY id").fetchall()
-            models = conn.execute("SELECT count(*) FROM models WHERE stream = ?", (STREAM,)).fetchone()[0]
+            models = conn.execute("SELECT count(*) FROM current_models WHERE stream = ?", (STREAM,)).fetchone()[0]
         finally:
             conn.close()
         durations = sorted(c[1] for c in cps)

@@ -61,7 +61,7 @@ def stream_status(conn: sqlite3.Connection, now: float | None = None) -> list[di
         "SELECT m.* FROM metrics m JOIN (SELECT stream, max(id) AS id FROM metrics GROUP BY stream) l"
         " ON m.id = l.id ORDER BY m.stream",
     ):
-        models = conn.execute("SELECT count(*) FROM models WHERE stream = ?", (r["stream"],)).fetchone()[0]
+        models = conn.execute("SELECT count(*) FROM current_models WHERE stream = ?", (r["stream"],)).fetchone()[0]
         dead = conn.execute("SELECT count(*) FROM dead_letter WHERE stream = ?", (r["stream"],)).fetchone()[0]
         out.append({
             "stream": r["stream"],
@@ -118,7 +118,7 @@ def metrics_history(conn: sqlite3.Connection, stream: str) -> list[dict[str, Any
 def model_states(conn: sqlite3.Connection, stream: str) -> list[dict[str, Any]]:
     out = []
     for key, state, updated in conn.execute(
-        "SELECT model_key, state, updated_at FROM models WHERE stream = ? ORDER BY model_key", (stream,)
+        "SELECT model_key, state, updated_at FROM current_models WHERE stream = ? ORDER BY model_key", (stream,)
     ):
         s = orjson.loads(state)
         out.append({"model_key": key, "updated_at": updated, **s["metrics"],

@@ -41,6 +41,7 @@ class SlotState:
     model_key: str
     tensors: dict[str, Any]
     state: dict[str, Any]
+    state_json: str | None = None  # the state already serialised (a snapshot taken before a change)
 
 
 @dataclass(slots=True)

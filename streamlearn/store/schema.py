@@ -128,3 +128,44 @@ def m002_drift_events(db: Database) -> None:
 def m003_metrics_batched(db: Database) -> None:
     # labelled readings learned in micro-batches under a backlog (not strictly test-then-train)
     db.execute("ALTER TABLE metrics ADD COLUMN batched INTEGER NOT NULL DEFAULT 0")
+
+
+@migrations()
+def m004_model_versions(db: Database) -> None:
+    # Checkpoints are written a few models at a time, across several transactions, so
+    # that none of them stalls message handling for long. A model row now belongs to the
+    # checkpoint that wrote it, and a checkpoint's row in `checkpoints` is inserted last,
+    # in the transaction that completes it. The state a restart loads is, per model, its
+    # newest row whose checkpoint is complete; rows of a checkpoint that never completed
+    # (checkpoint_id above every id in `checkpoints`) are ignored and deleted on start.
+    db.execute(
+        """
+        CREATE TABLE models_v (
+            stream TEXT NOT NULL,
+            model_key TEXT NOT NULL,
+            checkpoint_id INTEGER NOT NULL,
+            tensors BLOB NOT NULL,
+            state TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (stream, model_key, checkpoint_id)
+        )
+        """
+    )
+    db.execute(
+        "INSERT INTO models_v (stream, model_key, checkpoint_id, tensors, state, updated_at)"
+        " SELECT stream, model_key, checkpoint_id, tensors, state, updated_at FROM models"
+    )
+    db.execute("DROP TABLE models")
+    db.execute("ALTER TABLE models_v RENAME TO models")
+    db.execute("CREATE INDEX models_checkpoint ON models(checkpoint_id)")
+    db.execute(
+        """
+        CREATE VIEW current_models AS
+        SELECT m.* FROM models m
+        WHERE m.checkpoint_id = (
+            SELECT max(v.checkpoint_id) FROM models v
+            WHERE v.stream = m.stream AND v.model_key = m.model_key
+              AND v.checkpoint_id <= (SELECT coalesce(max(id), 0) FROM checkpoints)
+        )
+        """
+    )

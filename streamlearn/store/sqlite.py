@@ -7,14 +7,24 @@ Durability rules this module keeps:
   acknowledges them only after ``commit`` returns. The agent may predict and learn
   from staged rows before committing (so the fsync is not on the prediction
   path); if the commit fails it discards that in-memory state and reloads.
-* ``write_checkpoint`` stores every changed model, the per-stream state and the
-  inbox position they reflect in one transaction, so a restart resumes from a
-  state and a position that belong together; the inbox rows after the position
-  are replayed. Inside a staged batch it joins the batch's transaction; alone it
-  commits without an fsync (``synchronous=NORMAL``): a checkpoint lost to a power
-  cut only means a longer replay, because the next fsynced commit of the WAL
-  carries it anyway.
-* The WAL is truncated back to 4 MiB after readers let go (``journal_size_limit``).
+* A checkpoint is the state of every model and stream at one inbox position; a
+  restart loads the latest complete one and replays the inbox rows after its
+  position. It may be written in steps, a few models per transaction
+  (``write_models``), so that no step stalls message handling for long; the
+  step that completes it (``finish_checkpoint``) writes the stream states and
+  its row in ``checkpoints``. Until then every model keeps its row of the
+  previous complete checkpoint, and a restart ignores (and deletes) the rows of
+  a checkpoint that did not complete. Steps join the batch's transaction, or
+  commit alone without an fsync (``synchronous=NORMAL``): a checkpoint lost to a
+  power cut only means a longer replay.
+* The WAL is copied into the main file by a background thread with its own
+  connection (:class:`WalCheckpointer`) from 1 MiB on. SQLite's automatic
+  checkpoint, at 4 MiB by default, would copy it all and fsync the file inside
+  whichever commit crossed the threshold: a pause of 10-50 ms on the message
+  path. It stays on at 16 MiB as a backstop (by then the thread has copied
+  nearly everything), because the WAL only starts over when a write begins after
+  a checkpoint that copied all of it. The WAL is truncated back to 4 MiB when it
+  starts over (``journal_size_limit``).
 * Tensors are stored with safetensors, small state as JSON: loading a store never
   unpickles anything.
 * One process at a time: an exclusive ``flock`` on ``<store>.lock``.
@@ -26,6 +36,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +56,8 @@ from streamlearn.store.schema import migrations
 logger = logging.getLogger(__name__)
 
 FaultHook = Callable[[str], None]
+
+WAL_BACKSTOP_PAGES = 4096  # 16 MiB of 4 KiB pages: the agent's own commit checkpoints from here
 
 
 class Store(Protocol):
@@ -114,7 +127,12 @@ class SQLiteStore:
         self._fault = fault_hook or (lambda point: None)
         self.synchronous = synchronous.upper()
         self._in_batch = False
-        self._batch_checkpoint: tuple[int, float] | None = None  # (id, ms to write) of a checkpoint in the batch
+        self._durable = True  # the open transaction fsyncs at COMMIT (False: a checkpoint step alone)
+        # checkpoint work in the open transaction: (began, ended) as perf_counter values,
+        # and the id of the checkpoint it completes
+        self._tx_work: tuple[float, float] | None = None
+        self._tx_finishes: int | None = None
+        self._stall_max_ms = 0.0  # the longest pause among the steps of the checkpoint being written
         self.last_checkpoint_ms = 0.0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,10 +145,15 @@ class SQLiteStore:
             self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.execute("PRAGMA journal_size_limit=4194304")
+            # the WalCheckpointer copies the WAL from its own thread; this is the backstop: the
+            # WAL only starts over when a write begins after a checkpoint that copied all of
+            # it, which under a steady flood of commits a concurrent checkpoint rarely does
+            self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
             migrations.apply(Database(self._conn))
         except sqlite3.DatabaseError as exc:
             self._release_lock()
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
+        self._wal_checkpointer = WalCheckpointer(self.path)
 
     # -- lock -------------------------------------------------------------------
 
@@ -163,6 +186,7 @@ class SQLiteStore:
         """Checkpoint the WAL into the main file and release the lock."""
         if getattr(self, "_conn", None) is None:
             return
+        self._wal_checkpointer.stop()
         try:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.DatabaseError as exc:
@@ -206,14 +230,23 @@ class SQLiteStore:
     def in_batch(self) -> bool:
         return self._in_batch
 
-    def begin(self) -> None:
-        """Open the batch transaction."""
+    def begin(self, durable: bool = True) -> None:
+        """Open the batch transaction (``durable=False``: commit it without an fsync)."""
+        if not durable:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            self._restore_synchronous(durable)
             raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from None
         self._in_batch = True
-        self._batch_checkpoint = None
+        self._durable = durable
+        self._tx_work = None
+        self._tx_finishes = None
+
+    def _restore_synchronous(self, durable: bool) -> None:
+        if not durable:
+            self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def stage(self, rows: list[InboxRow], dead: list[DeadLetter]) -> None:
         """Insert rows (setting their ``seq``) and dead letters into the open batch."""
@@ -242,8 +275,8 @@ class SQLiteStore:
     def commit(self) -> None:
         """Make the batch durable; on failure everything staged is gone and StoreError is raised."""
         assert self._in_batch, "commit() needs begin()"
-        checkpoint = self._batch_checkpoint
-        if checkpoint is not None:
+        work, finishes, durable = self._tx_work, self._tx_finishes, self._durable
+        if work is not None:
             self._fault("checkpoint:before_commit")
         commit_started = time.perf_counter()
         try:
@@ -253,20 +286,34 @@ class SQLiteStore:
             raise StoreError(f"{self.path}: commit failed: {exc}") from None
         finally:
             self._in_batch = False
-            self._batch_checkpoint = None
-        if checkpoint is not None:
+            self._tx_work = None
+            self._tx_finishes = None
+            self._durable = True
+            self._restore_synchronous(durable)
+        if work is not None:
             self._fault("checkpoint:after_commit")
-            checkpoint_id, write_ms = checkpoint
-            self._record_duration(checkpoint_id, write_ms + (time.perf_counter() - commit_started) * 1000.0)
+            # the pause this step of a checkpoint caused: its own work and the COMMIT
+            stall = (work[1] - work[0]) * 1000.0 + (time.perf_counter() - commit_started) * 1000.0
+            self.last_checkpoint_ms = stall
+            self._stall_max_ms = max(self._stall_max_ms, stall)
+            if finishes is not None:
+                self._record_duration(finishes, self._stall_max_ms)
+                self._stall_max_ms = 0.0
 
     def rollback(self) -> None:
+        durable = self._durable
         self._in_batch = False
-        self._batch_checkpoint = None
+        self._durable = True
+        self._tx_work = None
+        self._tx_finishes = None
+        self._stall_max_ms = 0.0
         try:
             self._conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             # no transaction is active after some failed commits; that is fine
             logger.debug("rollback of %s: %s", self.path, exc)
+        finally:
+            self._restore_synchronous(durable)
 
     def inbox_after(self, position: int, limit: int) -> list[InboxRow]:
         """Up to ``limit`` inbox rows after ``position``, in order."""
@@ -286,7 +333,12 @@ class SQLiteStore:
     # -- checkpoints ---------------------------------------------------------------
 
     def load_checkpoint(self) -> Checkpoint | None:
-        """The latest checkpoint with every slot and stream state, or None."""
+        """The latest complete checkpoint, with each model's newest state in it, or None.
+
+        Model rows of a checkpoint that never completed (the process stopped between
+        its steps) are deleted first.
+        """
+        self.discard_incomplete()
         row = self._conn.execute(
             "SELECT id, created_at, position FROM checkpoints ORDER BY id DESC LIMIT 1"
         ).fetchone()
@@ -294,7 +346,7 @@ class SQLiteStore:
             return None
         checkpoint = Checkpoint(id=row[0], created_at=row[1], position=row[2])
         for stream, key, tensors, state in self._conn.execute(
-            "SELECT stream, model_key, tensors, state FROM models ORDER BY stream, model_key"
+            "SELECT stream, model_key, tensors, state FROM current_models ORDER BY stream, model_key"
         ):
             try:
                 arrays = load_tensors(bytes(tensors))
@@ -307,6 +359,22 @@ class SQLiteStore:
             checkpoint.streams[stream] = orjson.loads(state)
         return checkpoint
 
+    def discard_incomplete(self) -> int:
+        """Delete the model rows of a checkpoint that never completed; returns how many."""
+        try:
+            cur = self._conn.execute(
+                "DELETE FROM models WHERE checkpoint_id > (SELECT coalesce(max(id), 0) FROM checkpoints)"
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot delete an incomplete checkpoint: {exc}") from None
+        if cur.rowcount:
+            logger.info("deleted %d model rows of a checkpoint that did not complete", cur.rowcount)
+        return cur.rowcount
+
+    def next_checkpoint_id(self) -> int:
+        """The id the next checkpoint will complete under (its model rows carry it meanwhile)."""
+        return int(self._conn.execute("SELECT coalesce(max(id), 0) FROM checkpoints").fetchone()[0]) + 1
+
     def write_checkpoint(
         self,
         position: int,
@@ -317,60 +385,80 @@ class SQLiteStore:
         events: list[DriftEvent] | None = None,
         started: float | None = None,
     ) -> int:
-        """Store changed slots, stream states, metrics and drift events at ``position`` atomically.
+        """A whole checkpoint in one step: changed slots, stream states, metrics and drift events.
 
-        Inside a staged batch the checkpoint becomes part of the batch's transaction;
-        otherwise it is its own transaction, committed without an fsync. ``started``
-        (a ``time.perf_counter()`` value) is when the caller began collecting the
-        state, so the recorded duration is the whole stall: collecting, writing and
-        the COMMIT (in a batch, not the rest of the batch's work around it).
+        Inside a staged batch it becomes part of the batch's transaction; otherwise it
+        is its own transaction, committed without an fsync.
         """
         started = time.perf_counter() if started is None else started
-        if self._in_batch:
-            checkpoint_id = self._write_checkpoint_rows(position, slots, streams, metrics, reason, events)
-            self._batch_checkpoint = (checkpoint_id, (time.perf_counter() - started) * 1000.0)
-            return checkpoint_id
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        checkpoint_id = self.next_checkpoint_id()
+        own = not self._in_batch
+        if own:
+            self.begin(durable=False)
         try:
-            self.begin()
-            try:
-                checkpoint_id = self._write_checkpoint_rows(position, slots, streams, metrics, reason, events)
-            except StoreError:
+            n_bytes = self.write_models(checkpoint_id, slots, started=started)
+            self.finish_checkpoint(checkpoint_id, position, streams, metrics, reason, events,
+                                   slots_written=len(slots), bytes_written=n_bytes, started=started)
+        except StoreError:
+            if own:
                 self.rollback()
-                raise
-            self._batch_checkpoint = (checkpoint_id, (time.perf_counter() - started) * 1000.0)
+            raise
+        if own:
             self.commit()
-        finally:
-            self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
         return checkpoint_id
 
-    def _write_checkpoint_rows(
-        self, position: int, slots: list[SlotState], streams: dict[str, dict[str, Any]],
-        metrics: list[dict[str, Any]], reason: str, events: list[DriftEvent] | None,
-    ) -> int:
+    def _note_work(self, started: float | None) -> None:
+        now = time.perf_counter()
+        first = self._tx_work[0] if self._tx_work is not None else (now if started is None else started)
+        self._tx_work = (first, now)
+
+    def write_models(self, checkpoint_id: int, slots: list[SlotState], started: float | None = None) -> int:
+        """One step of a checkpoint: store these models under ``checkpoint_id``; returns bytes written.
+
+        Needs an open transaction. A model keeps its row of the last complete
+        checkpoint until this one completes; older rows of it are deleted here.
+        ``started`` (a ``time.perf_counter()`` value) is when the caller began the
+        step, so the pause recorded at COMMIT includes collecting the state.
+        """
+        assert self._in_batch, "write_models() needs begin()"
         now = time.time()
         n_bytes = 0
         cur = self._conn.cursor()
         try:
-            cur.execute(
-                "INSERT INTO checkpoints (created_at, position, slots_written, bytes_written, duration_ms, reason)"
-                " VALUES (?, ?, ?, 0, 0, ?)",
-                (now, position, len(slots), reason),
-            )
-            checkpoint_id = int(cur.lastrowid or 0)
             for slot in slots:
                 tensors = save_tensors({k: np.ascontiguousarray(v) for k, v in slot.tensors.items()})
-                state = _json(slot.state)
+                state = slot.state_json if slot.state_json is not None else _json(slot.state)
                 n_bytes += len(tensors) + len(state)
                 cur.execute(
-                    "INSERT OR REPLACE INTO models (stream, model_key, tensors, state, checkpoint_id, updated_at)"
+                    "INSERT OR REPLACE INTO models (stream, model_key, checkpoint_id, tensors, state, updated_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    (slot.stream, slot.model_key, tensors, state, checkpoint_id, now),
+                    (slot.stream, slot.model_key, checkpoint_id, tensors, state, now),
+                )
+                cur.execute(
+                    "DELETE FROM models WHERE stream = ? AND model_key = ? AND checkpoint_id < ("
+                    "SELECT max(checkpoint_id) FROM models WHERE stream = ? AND model_key = ? AND checkpoint_id < ?)",
+                    (slot.stream, slot.model_key, slot.stream, slot.model_key, checkpoint_id),
                 )
             self._fault("checkpoint:models_written")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: checkpoint write failed: {exc}") from None
+        self._note_work(started)
+        return n_bytes
+
+    def finish_checkpoint(
+        self, checkpoint_id: int, position: int, streams: dict[str, dict[str, Any]],
+        metrics: list[dict[str, Any]], reason: str, events: list[DriftEvent] | None,
+        slots_written: int, bytes_written: int, started: float | None = None,
+    ) -> None:
+        """The last step of a checkpoint: stream states, metrics, drift events and its row in
+        ``checkpoints`` (which makes its models the ones a restart loads), at ``position``."""
+        assert self._in_batch, "finish_checkpoint() needs begin()"
+        now = time.time()
+        cur = self._conn.cursor()
+        try:
             for stream, state in streams.items():
                 text = _json(state)
-                n_bytes += len(text)
+                bytes_written += len(text)
                 cur.execute(
                     "INSERT OR REPLACE INTO stream_state (stream, state, updated_at) VALUES (?, ?, ?)",
                     (stream, text, now),
@@ -390,18 +478,21 @@ class SQLiteStore:
                       e.lr_after, e.loss_before) for e in events],
                 )
             self._prune(cur, position, now)
-            cur.execute("UPDATE checkpoints SET bytes_written = ? WHERE id = ?", (n_bytes, checkpoint_id))
+            cur.execute(
+                "INSERT INTO checkpoints (id, created_at, position, slots_written, bytes_written, duration_ms, reason)"
+                " VALUES (?, ?, ?, ?, ?, 0, ?)",
+                (checkpoint_id, now, position, slots_written, bytes_written, reason),
+            )
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: checkpoint write failed: {exc}") from None
-        return checkpoint_id
+        self._note_work(started)
+        self._tx_finishes = checkpoint_id
 
     def _record_duration(self, checkpoint_id: int, duration_ms: float) -> None:
-        """Store the whole stall (collecting, writing, committing) of a committed checkpoint."""
-        self.last_checkpoint_ms = duration_ms
+        """Store the longest pause (collecting, writing, committing) among a checkpoint's steps."""
         try:
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("UPDATE checkpoints SET duration_ms = ? WHERE id = ?",
-                               (self.last_checkpoint_ms, checkpoint_id))
+            self._conn.execute("UPDATE checkpoints SET duration_ms = ? WHERE id = ?", (duration_ms, checkpoint_id))
         except sqlite3.Error as exc:  # only a figure is lost
             logger.warning("could not record the checkpoint's duration: %s", exc)
         finally:
@@ -438,3 +529,84 @@ class SQLiteStore:
 
     def integrity_check(self) -> str:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+class WalCheckpointer:
+    """Copies the WAL into the main database file from a thread of its own.
+
+    A PASSIVE checkpoint never waits for the writer or for readers (it copies what
+    no reader still needs), and the sqlite3 module releases the GIL while SQLite
+    works, so the agent's thread goes on handling messages meanwhile. The writer
+    starts the WAL over (and truncates it) at its next transaction after a
+    checkpoint has copied everything.
+
+    Parameters
+    ----------
+    path
+        The store's file.
+    threshold_bytes
+        Checkpoint when the WAL is at least this large.
+    interval
+        Seconds between looks at the WAL's size.
+    """
+
+    CATCH_UP_S = 0.005
+
+    def __init__(self, path: Path, threshold_bytes: int = 1 << 20, interval: float = 0.05) -> None:
+        self.path = path
+        self.wal = path.with_name(path.name + "-wal")
+        self.threshold_bytes = threshold_bytes
+        self.interval = interval
+        self.checkpoints = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamlearn-wal", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            logger.error("the WAL checkpointer cannot open %s (the WAL will grow): %s", self.path, exc)
+            return
+        failing = False
+        wait = self.interval
+        try:
+            while not self._stop.wait(wait):
+                wait = self.interval
+                try:
+                    size = self.wal.stat().st_size
+                except FileNotFoundError:
+                    continue
+                if size < self.threshold_bytes:
+                    continue
+                try:
+                    _, log_frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.checkpoints += 1
+                    if failing:
+                        logger.info("the WAL checkpointer works again")
+                        failing = False
+                except sqlite3.OperationalError as exc:
+                    if "locked" in str(exc) or "busy" in str(exc):  # the agent's backstop checkpoints now
+                        wait = self.CATCH_UP_S
+                        continue
+                    if not failing:  # a full disk: the WAL keeps the data, try again later
+                        logger.warning("WAL checkpoint of %s failed (retrying): %s", self.path, exc)
+                        failing = True
+                    continue
+                except sqlite3.Error as exc:
+                    if not failing:
+                        logger.warning("WAL checkpoint of %s failed (retrying): %s", self.path, exc)
+                        failing = True
+                    continue
+                if 0 <= copied < log_frames:
+                    # the agent wrote meanwhile: copy the rest soon, so that the WAL is all
+                    # copied at some moment between its commits and the next one starts it over
+                    wait = self.CATCH_UP_S
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10.0)
+        if self._thread.is_alive():
+            logger.warning("the WAL checkpointer of %s did not stop within 10 s", self.path)

@@ -111,7 +111,8 @@ def test_the_stage_profile_covers_every_stage(tmp_path: Path) -> None:
         assert stage in prof["us_per_msg"]
     assert prof["store_commits"] >= 300 // 64
     ck = checkpoint_stalls(tmp_path, models=3, repeats=1)
-    assert set(ck) >= {"stall_ms_median", "stall_ms_max", "recorded_duration_ms_median"}
+    assert set(ck) >= {"stall_ms_median", "stall_ms_max", "steps_median", "one_step_ms_median"}
+    assert ck["steps_median"] >= 1 and ck["stall_ms_max"] > 0
     mem = model_memory(devices=5)
     assert mem["n_params"] == 8 * 32 + 32 + 32 * 32 + 32 + 32 + 1
     assert mem["checkpoint_bytes_per_model"] > 4 * mem["n_params"]

@@ -439,7 +439,7 @@ def check_checkpoint(db: Path, stream: str = "boiler", every_row_learns: bool = 
             return CheckpointCheck(None, 0, True, True, True, 0, inbox_max, inbox_max)
         cp_id, position = int(cp[0]), int(cp[1])
         loads, finite, n_models = True, True, 0
-        for s, key, tensors, state in conn.execute("SELECT stream, model_key, tensors, state FROM models"):
+        for s, key, tensors, state in conn.execute("SELECT stream, model_key, tensors, state FROM current_models"):
             n_models += 1
             try:
                 arrays = load_tensors(bytes(tensors))

@@ -47,7 +47,7 @@ def _models(db: Path) -> dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]]
     try:
         return {
             f"{s}/{k}": (load_tensors(bytes(t)), orjson.loads(st))
-            for s, k, t, st in conn.execute("SELECT stream, model_key, tensors, state FROM models")
+            for s, k, t, st in conn.execute("SELECT stream, model_key, tensors, state FROM current_models")
         }
     finally:
         conn.close()
