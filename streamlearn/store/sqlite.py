@@ -18,13 +18,11 @@ Durability rules this module keeps:
   commit alone without an fsync (``synchronous=NORMAL``): a checkpoint lost to a
   power cut only means a longer replay.
 * The WAL is copied into the main file by a background thread with its own
-  connection (:class:`WalCheckpointer`) from 1 MiB on. SQLite's automatic
-  checkpoint, at 4 MiB by default, would copy it all and fsync the file inside
-  whichever commit crossed the threshold: a pause of 10-50 ms on the message
-  path. It stays on at 16 MiB as a backstop (by then the thread has copied
-  nearly everything), because the WAL only starts over when a write begins after
-  a checkpoint that copied all of it. The WAL is truncated back to 4 MiB when it
-  starts over (``journal_size_limit``).
+  connection (:class:`WalCheckpointer`). SQLite's automatic checkpoint, at 4 MiB
+  by default, would copy it all and fsync the file inside whichever commit
+  crossed the threshold: a pause of 10-50 ms on the message path. It stays on at
+  16 MiB, as a backstop should the thread fall behind. The WAL is truncated back
+  to 4 MiB when it starts over (``journal_size_limit``).
 * Tensors are stored with safetensors, small state as JSON: loading a store never
   unpickles anything.
 * One process at a time: an exclusive ``flock`` on ``<store>.lock``.
@@ -127,6 +125,7 @@ class SQLiteStore:
         self._fault = fault_hook or (lambda point: None)
         self.synchronous = synchronous.upper()
         self._in_batch = False
+        self._tx_bytes = 0  # about how much the open transaction writes, for the WalCheckpointer
         self._durable = True  # the open transaction fsyncs at COMMIT (False: a checkpoint step alone)
         # checkpoint work in the open transaction: (began, ended) as perf_counter values,
         # and the id of the checkpoint it completes
@@ -153,7 +152,9 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             self._release_lock()
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
-        self._wal_checkpointer = WalCheckpointer(self.path)
+        self._tx_lock = threading.Lock()  # held from begin() to commit()/rollback(); see WalCheckpointer
+        self._holding_tx_lock = False
+        self._wal_checkpointer = WalCheckpointer(self.path, self._tx_lock)
 
     # -- lock -------------------------------------------------------------------
 
@@ -232,17 +233,28 @@ class SQLiteStore:
 
     def begin(self, durable: bool = True) -> None:
         """Open the batch transaction (``durable=False``: commit it without an fsync)."""
+        if self._in_batch:
+            raise StoreError(f"{self.path}: a transaction is already open")
+        self._tx_lock.acquire()
+        self._holding_tx_lock = True
         if not durable:
             self._conn.execute("PRAGMA synchronous=NORMAL")
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self._restore_synchronous(durable)
+            self._release_tx_lock()
             raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from None
         self._in_batch = True
         self._durable = durable
         self._tx_work = None
         self._tx_finishes = None
+        self._tx_bytes = 0
+
+    def _release_tx_lock(self) -> None:
+        if self._holding_tx_lock:
+            self._holding_tx_lock = False
+            self._tx_lock.release()
 
     def _restore_synchronous(self, durable: bool) -> None:
         if not durable:
@@ -261,6 +273,7 @@ class SQLiteStore:
                      row.payload_hash, row.payload),
                 )
                 row.seq = int(cur.lastrowid or 0)
+                self._tx_bytes += len(row.payload) + 200  # the row, its index entries, page slack
             if dead:
                 limit = self.dead_letter_payload_bytes
                 cur.executemany(
@@ -275,7 +288,7 @@ class SQLiteStore:
     def commit(self) -> None:
         """Make the batch durable; on failure everything staged is gone and StoreError is raised."""
         assert self._in_batch, "commit() needs begin()"
-        work, finishes, durable = self._tx_work, self._tx_finishes, self._durable
+        work, finishes, durable, n_bytes = self._tx_work, self._tx_finishes, self._durable, self._tx_bytes
         if work is not None:
             self._fault("checkpoint:before_commit")
         commit_started = time.perf_counter()
@@ -290,6 +303,8 @@ class SQLiteStore:
             self._tx_finishes = None
             self._durable = True
             self._restore_synchronous(durable)
+            self._release_tx_lock()
+        self._wal_checkpointer.wrote(n_bytes)
         if work is not None:
             self._fault("checkpoint:after_commit")
             # the pause this step of a checkpoint caused: its own work and the COMMIT
@@ -314,6 +329,7 @@ class SQLiteStore:
             logger.debug("rollback of %s: %s", self.path, exc)
         finally:
             self._restore_synchronous(durable)
+            self._release_tx_lock()
 
     def inbox_after(self, position: int, limit: int) -> list[InboxRow]:
         """Up to ``limit`` inbox rows after ``position``, in order."""
@@ -429,6 +445,7 @@ class SQLiteStore:
                 tensors = save_tensors({k: np.ascontiguousarray(v) for k, v in slot.tensors.items()})
                 state = slot.state_json if slot.state_json is not None else _json(slot.state)
                 n_bytes += len(tensors) + len(state)
+                self._tx_bytes += len(tensors) + len(state)
                 cur.execute(
                     "INSERT OR REPLACE INTO models (stream, model_key, checkpoint_id, tensors, state, updated_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
@@ -536,28 +553,47 @@ class WalCheckpointer:
 
     A PASSIVE checkpoint never waits for the writer or for readers (it copies what
     no reader still needs), and the sqlite3 module releases the GIL while SQLite
-    works, so the agent's thread goes on handling messages meanwhile. The writer
-    starts the WAL over (and truncates it) at its next transaction after a
-    checkpoint has copied everything.
+    works, so the agent's thread goes on handling messages meanwhile. But the WAL
+    only starts over (and is truncated to ``journal_size_limit``) when a write
+    transaction begins after a checkpoint copied all of it, and under a steady
+    stream of commits a concurrent checkpoint rarely ends with nothing left. So
+    once the WAL holds ``restart_bytes``, the thread copies the bulk first, then
+    takes ``tx_lock`` (the store holds it from BEGIN to COMMIT), so that no
+    transaction starts meanwhile, and copies the last few frames (at most about
+    ``FINAL_BYTES_MAX``): the agent waits for that small copy only, and its next
+    transaction starts the WAL over.
 
     Parameters
     ----------
     path
         The store's file.
-    threshold_bytes
-        Checkpoint when the WAL is at least this large.
+    tx_lock
+        Held by the store's writer for each transaction.
     interval
-        Seconds between looks at the WAL's size.
+        Seconds between checkpoints at the latest.
+    wake_bytes
+        The writer wakes the thread (``wrote``) each time it has written about this
+        much, so that a burst (the checkpoint of a thousand models) is copied as it
+        comes, while a slow trickle costs one checkpoint (and fsync) a second.
+    restart_bytes
+        WAL content from which the thread makes sure it starts over.
     """
 
-    CATCH_UP_S = 0.005
+    FINAL_BYTES_MAX = 256 << 10  # at most about this much is left for the copy the agent may wait for
 
-    def __init__(self, path: Path, threshold_bytes: int = 1 << 20, interval: float = 0.05) -> None:
+    def __init__(self, path: Path, tx_lock: threading.Lock, interval: float = 1.0,
+                 restart_bytes: int = 4 << 20, wake_bytes: int = 1 << 20) -> None:
         self.path = path
-        self.wal = path.with_name(path.name + "-wal")
-        self.threshold_bytes = threshold_bytes
+        self.tx_lock = tx_lock
         self.interval = interval
+        self.restart_bytes = restart_bytes
         self.checkpoints = 0
+        self.restarts = 0
+        self.longest_hold_ms = 0.0  # the longest the agent could have waited for the final copy
+        self.wake_bytes = wake_bytes
+        self._written = 0
+        self._since_copy = 0  # written since the last checkpoint began
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="streamlearn-wal", daemon=True)
         self._thread.start()
@@ -565,48 +601,62 @@ class WalCheckpointer:
     def _run(self) -> None:
         try:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
         except sqlite3.Error as exc:
-            logger.error("the WAL checkpointer cannot open %s (the WAL will grow): %s", self.path, exc)
+            logger.error("the WAL checkpointer cannot open %s (the agent's own commits will copy the WAL): %s",
+                         self.path, exc)
             return
         failing = False
-        wait = self.interval
         try:
-            while not self._stop.wait(wait):
-                wait = self.interval
+            while True:
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
                 try:
-                    size = self.wal.stat().st_size
-                except FileNotFoundError:
-                    continue
-                if size < self.threshold_bytes:
-                    continue
-                try:
-                    _, log_frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    self.checkpoints += 1
+                    for _ in range(8):  # copy until what the agent wrote meanwhile is little
+                        self._since_copy = 0
+                        _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        self.checkpoints += 1
+                        if frames * page < self.restart_bytes or copied < frames:
+                            break  # small, or a reader still needs old frames: nothing to start over
+                        if self._since_copy <= self.FINAL_BYTES_MAX:
+                            self._final_copy(conn)
+                            break
                     if failing:
                         logger.info("the WAL checkpointer works again")
                         failing = False
-                except sqlite3.OperationalError as exc:
-                    if "locked" in str(exc) or "busy" in str(exc):  # the agent's backstop checkpoints now
-                        wait = self.CATCH_UP_S
-                        continue
-                    if not failing:  # a full disk: the WAL keeps the data, try again later
-                        logger.warning("WAL checkpoint of %s failed (retrying): %s", self.path, exc)
-                        failing = True
-                    continue
-                except sqlite3.Error as exc:
+                except sqlite3.Error as exc:  # a full disk: the WAL keeps the data, try again later
                     if not failing:
                         logger.warning("WAL checkpoint of %s failed (retrying): %s", self.path, exc)
                         failing = True
-                    continue
-                if 0 <= copied < log_frames:
-                    # the agent wrote meanwhile: copy the rest soon, so that the WAL is all
-                    # copied at some moment between its commits and the next one starts it over
-                    wait = self.CATCH_UP_S
         finally:
             conn.close()
 
+    def _final_copy(self, conn: sqlite3.Connection) -> None:
+        """Copy what the agent wrote since, with no transaction of its under way."""
+        if not self.tx_lock.acquire(timeout=1.0):
+            return
+        started = time.perf_counter()
+        try:
+            _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            self.tx_lock.release()
+            self.longest_hold_ms = max(self.longest_hold_ms, (time.perf_counter() - started) * 1000.0)
+        if copied == frames:
+            self.restarts += 1
+
+    def wrote(self, n_bytes: int) -> None:
+        """Called by the writer after a commit with about how much it wrote."""
+        self._written += n_bytes
+        self._since_copy += n_bytes
+        if self._written >= self.wake_bytes:
+            self._written = 0
+            self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=10.0)
         if self._thread.is_alive():
             logger.warning("the WAL checkpointer of %s did not stop within 10 s", self.path)
