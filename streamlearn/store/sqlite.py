@@ -579,7 +579,7 @@ class WalCheckpointer:
         WAL content from which the thread makes sure it starts over.
     """
 
-    FINAL_BYTES_MAX = 256 << 10  # at most about this much is left for the copy the agent may wait for
+    FINAL_BYTES_MAX = 64 << 10  # at most about this much is left for the copy the agent may wait for
 
     def __init__(self, path: Path, tx_lock: threading.Lock, interval: float = 1.0,
                  restart_bytes: int = 4 << 20, wake_bytes: int = 1 << 20) -> None:

@@ -502,30 +502,30 @@ def dead_letter_hashes(db: Path) -> list[tuple[str, int, bytes]]:
         conn.close()
 
 
-def inbox_max_seq(db: Path) -> int:
-    """The position of the newest stored message (0 when none or the store is not there yet)."""
+def _ro_count(db: Path, sql: str) -> int:
+    """One integer from the store, read-only; 0 when the store is not there (yet)."""
     try:
         conn = connect_ro(db)
     except sqlite3.Error:
         return 0
     try:
-        return int(conn.execute("SELECT coalesce(max(seq), 0) FROM inbox").fetchone()[0])
+        return int(conn.execute(sql).fetchone()[0])
     except sqlite3.Error:
         return 0
     finally:
         conn.close()
+
+
+def inbox_max_seq(db: Path) -> int:
+    """The position of the newest stored message (0 when none or the store is not there yet)."""
+    return _ro_count(db, "SELECT coalesce(max(seq), 0) FROM inbox")
+
+
+def handled_count(db: Path) -> int:
+    """Messages the agent has stored, accepted (inbox) or rejected (dead letters)."""
+    return _ro_count(db, "SELECT (SELECT count(*) FROM inbox) + (SELECT count(*) FROM dead_letter)")
 
 
 def checkpoint_position(db: Path) -> int:
     """The inbox position of the latest checkpoint (0 before the first)."""
-    try:
-        conn = connect_ro(db)
-    except sqlite3.Error:
-        return 0
-    try:
-        row = conn.execute("SELECT position FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
-        return int(row[0]) if row else 0
-    except sqlite3.Error:
-        return 0
-    finally:
-        conn.close()
+    return _ro_count(db, "SELECT coalesce((SELECT position FROM checkpoints ORDER BY id DESC LIMIT 1), 0)")

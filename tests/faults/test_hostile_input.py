@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from streamlearn.config import parse_config
 from streamlearn.sim import SensorSimulator, SimMessage
 from streamlearn.transport.broker import MosquittoProcess
-from tests.faults.checker import check_store, connect_ro
+from tests.faults.checker import check_store, connect_ro, handled_count
 from tests.faults.harness import Agent, Sensors, Watch, agent_config, wait_until, write_config
 from tests.faults.report import FaultReport
 
@@ -242,19 +242,6 @@ def _publish_10mb(port: int) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(result.items()))
 
 
-def _handled(db: Path) -> int:
-    try:
-        conn = connect_ro(db)
-    except Exception:  # noqa: BLE001 - not created yet
-        return 0
-    try:
-        return int(conn.execute("SELECT (SELECT count(*) FROM inbox) + (SELECT count(*) FROM dead_letter)").fetchone()[0])
-    except Exception:  # noqa: BLE001
-        return 0
-    finally:
-        conn.close()
-
-
 def _store_dir(tmp: Path) -> Path:
     """Where a run keeps its store: on tmpfs when there is one, so the handling times compare the
     agent's work on good and bad input, not the disk's fsync latency (which varies 2x run to run here)."""
@@ -313,7 +300,7 @@ class Run:
         a message the agent drops silently is never counted)."""
         assert self.sensors.flush(120)
         target = self.sent - len(self.sensors.refused)
-        return wait_until(lambda: _handled(self.db) >= target or not self.agent.alive(), timeout, interval=0.1)
+        return wait_until(lambda: handled_count(self.db) >= target or not self.agent.alive(), timeout, interval=0.1)
 
     def finish(self) -> None:
         self.alive_throughout = self.alive_throughout and self.agent.alive()
@@ -430,7 +417,7 @@ def test_hostile_input_at_volume(mosquitto, tmp_path: Path, report: FaultReport)
         callback_errors=(status.get("transport") or {}).get("callback_errors"), check=result.summary(),
     )
     report.expect("the agent handled every message it was sent (stored or dead-lettered)",
-                  caught_up, f"{_handled(db)} handled of {len(stream) - len(hostile.sensors.refused)}")
+                  caught_up, f"{handled_count(db)} handled of {len(stream) - len(hostile.sensors.refused)}")
     report.expect("0 crashes: the agent ran throughout and stopped cleanly",
                   hostile.alive_throughout and hostile.exit_code == 0 and status.get("internal_errors") == 0
                   and (status.get("transport") or {}).get("callback_errors") == 0,

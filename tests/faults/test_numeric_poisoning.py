@@ -14,7 +14,7 @@ import pytest
 from streamlearn.config import parse_config
 from streamlearn.sim import SensorSimulator, SimMessage
 from streamlearn.transport.broker import MosquittoProcess
-from tests.faults.checker import check_checkpoint, connect_ro, inbox_max_seq
+from tests.faults.checker import check_checkpoint, connect_ro, handled_count, inbox_max_seq
 from tests.faults.harness import Agent, Sensors, Watch, agent_config, wait_until, write_config
 from tests.faults.report import FaultReport
 
@@ -95,7 +95,7 @@ def _run(tmp: Path, name: str, messages: list[SimMessage]) -> dict[str, Any]:
         for start in range(0, len(messages), step):
             sensors.publish_all(messages[start:start + step], start=start)
             assert sensors.flush(60)
-            wait_until(lambda: _handled(db) >= start + len(messages[start:start + step]), 60, interval=0.05)
+            wait_until(lambda: handled_count(db) >= start + len(messages[start:start + step]), 60, interval=0.05)
             cp = check_checkpoint(db, every_row_learns=False)
             checkpoints.append({"after": start + step, "checkpoint": cp.checkpoint_id, "finite": cp.finite,
                                 "loads": cp.loads, "problems": cp.problems[:3]})
@@ -111,19 +111,6 @@ def _run(tmp: Path, name: str, messages: list[SimMessage]) -> dict[str, Any]:
         watch.close()
         mosquitto.stop()
     return {"db": db, "agent": agent, "watch": watch, "checkpoints": checkpoints}
-
-
-def _handled(db: Path) -> int:
-    try:
-        conn = connect_ro(db)
-    except Exception:  # noqa: BLE001
-        return 0
-    try:
-        return int(conn.execute("SELECT (SELECT count(*) FROM inbox) + (SELECT count(*) FROM dead_letter)").fetchone()[0])
-    except Exception:  # noqa: BLE001
-        return 0
-    finally:
-        conn.close()
 
 
 def _errors(watch: Watch, messages: list[SimMessage], truth: list[float]) -> np.ndarray:
