@@ -450,6 +450,8 @@ class Agent:
         assert not getattr(self.store, "in_batch", False), "checkpoint() inside a batch: use maybe_checkpoint"
         if self._pending is not None:
             position = self._pending.position
+            # finished in one go: its pause is not one of the loop's steps (see the bench)
+            self._pending.reason = f"{self._pending.reason}+{reason}"
             if not self._complete_alone():
                 return False
             if position == self.position and not self._any_dirty():

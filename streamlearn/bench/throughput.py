@@ -63,6 +63,7 @@ from streamlearn.bench.common import (
     latency_summary,
     make_messages,
     median,
+    percentile,
     proc_cpu_seconds,
     proc_status,
     spread,
@@ -233,7 +234,9 @@ class AgentConsumer(Consumer):
             models = conn.execute("SELECT count(*) FROM current_models WHERE stream = ?", (STREAM,)).fetchone()[0]
         finally:
             conn.close()
-        durations = sorted(c[1] for c in cps)
+        # the pauses while messages flow: the one-step checkpoints at the end of a replay (before
+        # any new message) and at shutdown (after the last one) hold up nothing
+        durations = sorted(c[1] for c in cps if c[4] == "interval")
         return {
             "messages": learned[0] if learned else 0,
             "learned": learned[2] if learned else 0,
@@ -242,7 +245,8 @@ class AgentConsumer(Consumer):
             "checkpoint_position": cps[-1][0] if cps else 0,
             "models": models,
             "checkpoints": len(cps),
-            "checkpoint_ms_max": round(durations[-1], 3) if durations else None,
+            "checkpoint_ms_max": round(durations[-1], 3) if durations else None,  # longest step incl. COMMIT
+            "checkpoint_ms_p99": round(percentile(durations, 99) or 0.0, 3) if durations else None,
             "checkpoint_ms_median": round(durations[len(durations) // 2], 3) if durations else None,
             "checkpoint_bytes_max": max((c[3] for c in cps), default=None),
         }
@@ -592,6 +596,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     s["checkpoint_stall_ms_measured"] = _dig(prof, "checkpoint.1.stall_ms_max")
     s["checkpoint_stall_ms_measured_100_models"] = _dig(prof, "checkpoint.100.stall_ms_max")
     s["checkpoint_stall_ms_measured_1000_models"] = _dig(prof, "checkpoint.1000.stall_ms_max")
+    for k in ("100", "1000"):
+        s[f"checkpoint_pause_ms_p99_{k}_models"] = _dig(prof, f"checkpoint.{k}.pause_ms_p99")
     return s
 
 
@@ -635,12 +641,15 @@ def targets(summary: dict[str, Any], learner: dict[str, Any] | None = None) -> l
     worst = max((x for x in (stall, rec) if x is not None), default=None)
     add("checkpoint stall, one model", f"<= {t['checkpoint_stall_ms']:g} ms", worst,
         None if worst is None else worst <= t["checkpoint_stall_ms"],
-        f"max recorded duration_ms {fmt(rec)} (excludes COMMIT); measured call incl. commit {fmt(stall)}")
+        f"longest recorded while messages flowed (a step with its batch's COMMIT and fsync) {fmt(rec)}; "
+        f"in-process longest pause {fmt(stall)}")
     for k in ("100", "1000"):
         stall_k = summary.get(f"checkpoint_stall_ms_measured_{k}_models")
         if stall_k is not None:
             add(f"checkpoint stall, {int(k):,} dirty models", f"<= {t['checkpoint_stall_ms']:g} ms", stall_k,
-                stall_k <= t["checkpoint_stall_ms"], "in-process, full Agent.checkpoint call incl. commit")
+                stall_k <= t["checkpoint_stall_ms"],
+                "in-process, longest pause (begin, or one step incl. COMMIT) of checkpoints written in steps; "
+                f"p99 of every pause {fmt(summary.get(f'checkpoint_pause_ms_p99_{k}_models'))}")
     return rows
 
 

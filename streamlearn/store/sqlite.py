@@ -126,6 +126,7 @@ class SQLiteStore:
         self.synchronous = synchronous.upper()
         self._in_batch = False
         self._tx_bytes = 0  # about how much the open transaction writes, for the WalCheckpointer
+        self._tx_staged = False  # it holds received messages (a batch), not only checkpoint work
         self._durable = True  # the open transaction fsyncs at COMMIT (False: a checkpoint step alone)
         # checkpoint work in the open transaction: (began, ended) as perf_counter values,
         # and the id of the checkpoint it completes
@@ -250,6 +251,7 @@ class SQLiteStore:
         self._tx_work = None
         self._tx_finishes = None
         self._tx_bytes = 0
+        self._tx_staged = False
 
     def _release_tx_lock(self) -> None:
         if self._holding_tx_lock:
@@ -263,6 +265,7 @@ class SQLiteStore:
     def stage(self, rows: list[InboxRow], dead: list[DeadLetter]) -> None:
         """Insert rows (setting their ``seq``) and dead letters into the open batch."""
         assert self._in_batch, "stage() needs begin()"
+        self._tx_staged = True
         cur = self._conn.cursor()
         try:
             for row in rows:
@@ -289,6 +292,7 @@ class SQLiteStore:
         """Make the batch durable; on failure everything staged is gone and StoreError is raised."""
         assert self._in_batch, "commit() needs begin()"
         work, finishes, durable, n_bytes = self._tx_work, self._tx_finishes, self._durable, self._tx_bytes
+        staged = self._tx_staged
         if work is not None:
             self._fault("checkpoint:before_commit")
         commit_started = time.perf_counter()
@@ -307,8 +311,11 @@ class SQLiteStore:
         self._wal_checkpointer.wrote(n_bytes)
         if work is not None:
             self._fault("checkpoint:after_commit")
-            # the pause this step of a checkpoint caused: its own work and the COMMIT
-            stall = (work[1] - work[0]) * 1000.0 + (time.perf_counter() - commit_started) * 1000.0
+            # the pause this step of a checkpoint caused: its own work, and the COMMIT when the
+            # transaction is the step's alone (a batch commits, and fsyncs, with or without it)
+            stall = (work[1] - work[0]) * 1000.0
+            if not staged:
+                stall += (time.perf_counter() - commit_started) * 1000.0
             self.last_checkpoint_ms = stall
             self._stall_max_ms = max(self._stall_max_ms, stall)
             if finishes is not None:
@@ -506,7 +513,8 @@ class SQLiteStore:
         self._tx_finishes = checkpoint_id
 
     def _record_duration(self, checkpoint_id: int, duration_ms: float) -> None:
-        """Store the longest pause (collecting, writing, committing) among a checkpoint's steps."""
+        """Store the longest pause among a checkpoint's steps (collecting and writing; the COMMIT
+        too when the step had a transaction of its own)."""
         try:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("UPDATE checkpoints SET duration_ms = ? WHERE id = ?", (duration_ms, checkpoint_id))
