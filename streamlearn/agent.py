@@ -390,11 +390,20 @@ class Agent:
             self.clock.monotonic() - self._last_checkpoint >= cfg.checkpoint_every_seconds
         )
         if due:
-            self._begin_checkpoint("interval")
+            try:
+                self._begin_checkpoint("interval")
+            except StoreError as exc:
+                if getattr(self.store, "in_batch", False):
+                    raise  # the batch fails with it and is retried after a reload
+                logger.error("cannot begin a checkpoint (retried later): %s", exc)
+                self._last_checkpoint = self.clock.monotonic()
 
     def _begin_checkpoint(self, reason: str) -> None:
-        """Name what the checkpoint at the current position holds; steps write it."""
-        self.store.discard_incomplete()  # of one abandoned after a failed step
+        """Name what the checkpoint at the current position holds; steps write it.
+
+        (Rows left by one abandoned after a failed step carry the same id; every model
+        they hold is written again, because abandoning marked them all changed.)
+        """
         self._pending = PendingCheckpoint(self.store.next_checkpoint_id(), self.position, reason, self.runners)
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()

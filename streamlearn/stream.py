@@ -723,15 +723,6 @@ class StreamRunner:
 
     # -- state ----------------------------------------------------------------------
 
-    def dirty_slots(self) -> list[SlotState]:
-        """The changed models' states, all at once (marks them saved)."""
-        out = []
-        for slot in self.slots.values():
-            if slot.dirty:
-                out.append(slot.to_state(self.name))
-                slot.dirty = False
-        return out
-
     # A checkpoint written in steps (see streamlearn.checkpointing): begin_capture names the
     # changed models at the checkpoint's position; take_capture hands each one over, as it
     # was then; end_capture or abandon_capture closes it.

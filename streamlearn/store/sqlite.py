@@ -145,9 +145,8 @@ class SQLiteStore:
             self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.execute("PRAGMA journal_size_limit=4194304")
-            # the WalCheckpointer copies the WAL from its own thread; this is the backstop: the
-            # WAL only starts over when a write begins after a checkpoint that copied all of
-            # it, which under a steady flood of commits a concurrent checkpoint rarely does
+            # the WalCheckpointer copies the WAL from its own thread; SQLite's own checkpoint in
+            # our commits stays as a backstop, should that thread fall behind
             self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
             migrations.apply(Database(self._conn))
         except sqlite3.DatabaseError as exc:
@@ -396,7 +395,10 @@ class SQLiteStore:
 
     def next_checkpoint_id(self) -> int:
         """The id the next checkpoint will complete under (its model rows carry it meanwhile)."""
-        return int(self._conn.execute("SELECT coalesce(max(id), 0) FROM checkpoints").fetchone()[0]) + 1
+        try:
+            return int(self._conn.execute("SELECT coalesce(max(id), 0) FROM checkpoints").fetchone()[0]) + 1
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot read the checkpoints: {exc}") from None
 
     def write_checkpoint(
         self,
