@@ -141,3 +141,29 @@ def test_an_old_store_is_migrated_and_migrations_are_recorded(store_path: Path) 
     assert conn.execute("SELECT stream, model_key, checkpoint_id FROM current_models").fetchall() == [("s", "d1", 1)]
     assert conn.execute("SELECT count(*) FROM drift_events").fetchone() == (0,)
     SQLiteStore(store_path).close()  # applying again is a no-op
+
+
+def test_the_wal_is_copied_off_the_writer_and_starts_over(store_path: Path) -> None:
+    """A 48 MB burst of checkpoints written back to back: the WAL stays well below that (the
+    background thread starts it over past 16 MB even when the writer never pauses); once the writer
+    is idle the background thread copies it all, and the next write starts it over and cuts
+    the file back to 4 MiB (nothing in the writer's own commits would: below the backstop)."""
+    from tests.helpers import wait_for
+
+    store = SQLiteStore(store_path, synchronous="normal")
+    wal = store_path.with_name(store_path.name + "-wal")
+    rng = np.random.default_rng(0)
+    blob = rng.normal(size=(1, 25_000)).astype(np.float32)  # 100 KB a model
+    largest = 0
+    for i in range(480):
+        store.write_checkpoint(i, [SlotState("s", f"m{i % 40}", {"params": blob}, {"i": i})], {}, [], "test")
+        largest = max(largest, wal.stat().st_size)
+    assert largest < 24 * 2**20  # it started over during the burst
+    checkpointer = store._wal_checkpointer
+    after = checkpointer.checkpoints
+    # the thread's second checkpoint after the burst began after it: everything is copied
+    wait_for(lambda: checkpointer.checkpoints >= after + 2, 30, what="the background thread to copy the WAL")
+    store.append([row(1)], [])  # so this transaction starts the WAL over (and cuts the file back)
+    assert wal.stat().st_size <= 4 * 2**20
+    assert store.load_checkpoint().position == 479
+    store.close()

@@ -21,7 +21,7 @@ Durability rules this module keeps:
   connection (:class:`WalCheckpointer`). SQLite's automatic checkpoint, at 4 MiB
   by default, would copy it all and fsync the file inside whichever commit
   crossed the threshold: a pause of 10-50 ms on the message path. It stays on at
-  16 MiB, as a backstop should the thread fall behind. The WAL is truncated back
+  32 MiB, as a backstop should the thread fall behind. The WAL is truncated back
   to 4 MiB when it starts over (``journal_size_limit``).
 * Tensors are stored with safetensors, small state as JSON: loading a store never
   unpickles anything.
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 FaultHook = Callable[[str], None]
 
-WAL_BACKSTOP_PAGES = 4096  # 16 MiB of 4 KiB pages: the agent's own commit checkpoints from here
+WAL_BACKSTOP_PAGES = 8192  # 32 MiB of 4 KiB pages: the agent's own commit checkpoints from here
 
 
 class Store(Protocol):
@@ -590,6 +590,7 @@ class WalCheckpointer:
     """
 
     FINAL_BYTES_MAX = 64 << 10  # at most about this much is left for the copy the agent may wait for
+    HARD_BYTES = 16 << 20  # beyond this the WAL is started over even if the agent has to wait longer
 
     def __init__(self, path: Path, tx_lock: threading.Lock, interval: float = 1.0,
                  restart_bytes: int = 4 << 20, wake_bytes: int = 1 << 20) -> None:
@@ -630,7 +631,9 @@ class WalCheckpointer:
                         self.checkpoints += 1
                         if frames * page < self.restart_bytes or copied < frames:
                             break  # small, or a reader still needs old frames: nothing to start over
-                        if self._since_copy <= self.FINAL_BYTES_MAX:
+                        # the agent writing back to back (a checkpoint of many models with no
+                        # message waiting) never leaves little: past HARD_BYTES, it waits longer
+                        if self._since_copy <= self.FINAL_BYTES_MAX or frames * page >= self.HARD_BYTES:
                             self._final_copy(conn)
                             break
                     if failing:
