@@ -66,11 +66,6 @@ class PendingCheckpoint:
         self._todo.reverse()  # popped from the end: in stream and model order
         self.slots_written = 0
         self.bytes_written = 0
-        self.steps = 0
-
-    @property
-    def models(self) -> int:
-        return sum(len(keys) for keys in self.keys.values())
 
     @property
     def remaining(self) -> int:
@@ -85,7 +80,6 @@ class PendingCheckpoint:
         """
         started = time.perf_counter() if started is None else started
         deadline = started + budget_s
-        self.steps += 1
         wrote = 0
         while self._todo:
             name, key = self._todo.pop()

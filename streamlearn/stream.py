@@ -517,14 +517,15 @@ class StreamRunner:
         slot = self.slots.get(key)
         if slot is None:
             slot = self.slots[key] = Slot(key, self.config, self._scratch)
-        elif self._capture_pending and key in self._capture_pending:
+        else:
             self._before_change(slot)
         return slot
 
     def _before_change(self, slot: Slot) -> None:
         """Copy-on-write for a checkpoint being written: keep the model as it was at its position."""
-        self._capture_pending.discard(slot.key)
-        self._captured[slot.key] = slot.snapshot(self.name)
+        if slot.key in self._capture_pending:
+            self._capture_pending.discard(slot.key)
+            self._captured[slot.key] = slot.snapshot(self.name)
 
     # -- the pipeline ------------------------------------------------------------------
 
@@ -681,8 +682,7 @@ class StreamRunner:
         if item is None or slot is None:
             self.counters["labels_unmatched"] += 1
             return
-        if slot.key in self._capture_pending:
-            self._before_change(slot)
+        self._before_change(slot)
         _, x, pred, phash, _ = item
         self._learn(slot, x, reading.target, pred, phash, row, out, replay)
 

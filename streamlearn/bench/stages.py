@@ -454,8 +454,6 @@ def checkpoint_stalls(workdir: Path, models: int, repeats: int = 5) -> dict[str,
     }
 
 
-
-
 def run_profile(out_json: Path | None = Path("reports/bench-profile.json"), quick: bool = False,
                 port: int | None = None, workdir: Path | None = None, n: int | None = None,
                 print_table: bool = True) -> dict[str, Any]:

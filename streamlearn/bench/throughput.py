@@ -63,7 +63,6 @@ from streamlearn.bench.common import (
     latency_summary,
     make_messages,
     median,
-    percentile,
     proc_cpu_seconds,
     proc_status,
     spread,
@@ -246,7 +245,6 @@ class AgentConsumer(Consumer):
             "models": models,
             "checkpoints": len(cps),
             "checkpoint_ms_max": round(durations[-1], 3) if durations else None,  # longest step incl. COMMIT
-            "checkpoint_ms_p99": round(percentile(durations, 99) or 0.0, 3) if durations else None,
             "checkpoint_ms_median": round(durations[len(durations) // 2], 3) if durations else None,
             "checkpoint_bytes_max": max((c[3] for c in cps), default=None),
         }

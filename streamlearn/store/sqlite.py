@@ -290,8 +290,7 @@ class SQLiteStore:
     def commit(self) -> None:
         """Make the batch durable; on failure everything staged is gone and StoreError is raised."""
         assert self._in_batch, "commit() needs begin()"
-        work, finishes, durable, n_bytes = self._tx_work, self._tx_finishes, self._durable, self._tx_bytes
-        staged = self._tx_staged
+        work, finishes, n_bytes, staged = self._tx_work, self._tx_finishes, self._tx_bytes, self._tx_staged
         if work is not None:
             self._fault("checkpoint:before_commit")
         commit_started = time.perf_counter()
@@ -301,12 +300,7 @@ class SQLiteStore:
             self.rollback()
             raise StoreError(f"{self.path}: commit failed: {exc}") from None
         finally:
-            self._in_batch = False
-            self._tx_work = None
-            self._tx_finishes = None
-            self._durable = True
-            self._restore_synchronous(durable)
-            self._release_tx_lock()
+            self._end_transaction()
         self._wal_checkpointer.wrote(n_bytes)
         if work is not None:
             self._fault("checkpoint:after_commit")
@@ -322,11 +316,6 @@ class SQLiteStore:
                 self._stall_max_ms = 0.0
 
     def rollback(self) -> None:
-        durable = self._durable
-        self._in_batch = False
-        self._durable = True
-        self._tx_work = None
-        self._tx_finishes = None
         self._stall_max_ms = 0.0
         try:
             self._conn.execute("ROLLBACK")
@@ -334,8 +323,18 @@ class SQLiteStore:
             # no transaction is active after some failed commits; that is fine
             logger.debug("rollback of %s: %s", self.path, exc)
         finally:
-            self._restore_synchronous(durable)
-            self._release_tx_lock()
+            self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        """After COMMIT or ROLLBACK: no transaction open, ``synchronous`` restored, the lock
+        released (a second call, as after a failed COMMIT, changes nothing)."""
+        durable = self._durable
+        self._in_batch = False
+        self._durable = True
+        self._tx_work = None
+        self._tx_finishes = None
+        self._restore_synchronous(durable)
+        self._release_tx_lock()
 
     def inbox_after(self, position: int, limit: int) -> list[InboxRow]:
         """Up to ``limit`` inbox rows after ``position``, in order."""
@@ -599,8 +598,6 @@ class WalCheckpointer:
         self.interval = interval
         self.restart_bytes = restart_bytes
         self.checkpoints = 0
-        self.restarts = 0
-        self.longest_hold_ms = 0.0  # the longest the agent could have waited for the final copy
         self.wake_bytes = wake_bytes
         self._written = 0
         self._since_copy = 0  # written since the last checkpoint began
@@ -650,14 +647,10 @@ class WalCheckpointer:
         """Copy what the agent wrote since, with no transaction of its under way."""
         if not self.tx_lock.acquire(timeout=1.0):
             return
-        started = time.perf_counter()
         try:
-            _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         finally:
             self.tx_lock.release()
-            self.longest_hold_ms = max(self.longest_hold_ms, (time.perf_counter() - started) * 1000.0)
-        if copied == frames:
-            self.restarts += 1
 
     def wrote(self, n_bytes: int) -> None:
         """Called by the writer after a commit with about how much it wrote."""
