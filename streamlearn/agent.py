@@ -82,6 +82,7 @@ class Agent:
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
         self._pending: PendingCheckpoint | None = None  # a checkpoint being written in steps
+        self._completed_in_batch = 0  # checkpoints the open batch transaction completes
         self._last_health = 0.0
         self._recovered = False
         self._uncommitted = False  # the in-memory state has learned from rows not yet committed
@@ -195,11 +196,11 @@ class Agent:
         delay = 0.1
         while True:
             self._uncommitted = False
-            completes = False
+            self._completed_in_batch = 0
             try:
                 dead = self._ingest_once(batch)
-                if self._pending is not None:
-                    completes = self._checkpoint_step()
+                if self._pending is not None:  # one begun among this batch's rows
+                    self._completed_in_batch += self._checkpoint_step()
                 self.store.commit()
             except StoreError as exc:
                 self._store_failed(exc, len(batch))
@@ -212,8 +213,7 @@ class Agent:
                 delay = min(delay * 2, 5.0)
                 continue
             break
-        if completes:
-            self.counters["checkpoints"] += 1
+        self.counters["checkpoints"] += self._completed_in_batch
         self._note_checkpoint_duration()  # of a checkpoint step that joined the batch
         if self.last_error is not None and self.last_error.startswith("store"):
             logger.info("the store accepts writes again")
@@ -250,6 +250,10 @@ class Agent:
         self.store.begin()
         self.store.stage(rows, dead)
         self._uncommitted = True
+        if self._pending is not None:
+            # one begun before this batch: a step now, so that (with a few models) it is complete
+            # before these rows come due for the next one, and that one begins at its own row
+            self._completed_in_batch += self._checkpoint_step()
         agent_cfg = self.config.agent
         if agent_cfg.micro_batch and len(readings) >= agent_cfg.micro_batch_size:
             self._process_batched(readings)
