@@ -228,11 +228,15 @@ class ScheduleConfig(_Section):
     period: int = Field(500, ge=1)
     by_error: bool = True
     margin: float = Field(0.0, ge=0.0, lt=1.0)
+    linear_copies: int = Field(5, ge=0, le=16)  # population, beside an MLP
+    kind_alpha: float = Field(0.003, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _bounds(self) -> ScheduleConfig:
         if self.min_lr > self.max_lr:
             raise PydanticCustomError("bounds", "min_lr must not exceed max_lr")
+        if self.linear_copies == 1:
+            raise PydanticCustomError("linear_copies", "linear_copies must be 0 (none) or at least 2")
         return self
 
 

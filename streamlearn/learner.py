@@ -103,6 +103,13 @@ class Learner:
     scratch
         Where learners that are never stepped at the same time share their
         gradient buffer.
+    linear_copies
+        With a population: this many linear copies (the network without hidden
+        layers, with their own parameters and optimizer state) trained beside the
+        ``population`` copies of ``shape``. Copies ``0 .. population - 1`` are of
+        ``shape``, the rest linear; :attr:`kinds` says which is which, and every
+        per-copy array (predictions, losses, learning rates) has ``k =
+        population + linear_copies`` rows in that order.
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class Learner:
         outlier_z: float | None = None,
         accept_after: int = 100,
         scratch: dict[tuple[int, int], np.ndarray] | None = None,
+        linear_copies: int = 0,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -129,8 +137,18 @@ class Learner:
             grads = scratch.setdefault((population, shape.n_params),
                                        np.zeros((population, shape.n_params), dtype=F32))
         self.net = FusedMLP(shape, population=population, seed=seed, grads=grads)
-        self.k = population
         self.optimizer = make_optimizer(optimizer, self.net.params.shape)
+        if linear_copies < 0 or (linear_copies and not shape.hidden):
+            raise ValueError(f"linear copies need a network with hidden layers beside them, got {linear_copies} "
+                             f"beside {shape}")
+        self.n_main = population
+        self.lin: FusedMLP | None = None
+        self.lin_optimizer = None
+        if linear_copies:
+            self.lin = FusedMLP(ModelShape(shape.n_in, (), shape.n_out), population=linear_copies, seed=seed + 1)
+            self.lin_optimizer = make_optimizer(optimizer, self.lin.params.shape)
+        self.k = population + linear_copies
+        self.kinds = np.array([0] * population + [1] * linear_copies, dtype=np.int8)  # 0: shape, 1: linear
         self.target = TargetScaler()
         self._lr: float | np.ndarray = optimizer.lr
         self.n_learned = 0
@@ -175,6 +193,8 @@ class Learner:
             assert self._cached_out is not None
             return self._cached_out
         out = self.net.forward_one(x)
+        if self.lin is not None:
+            out = np.concatenate((out, self.lin.forward_one(x)))
         self._cached_x, self._cached_version, self._cached_out = x, self.version, out
         return out
 
@@ -185,7 +205,10 @@ class Learner:
 
     def predict_many(self, X: np.ndarray) -> np.ndarray:
         """Batched :meth:`predict_one`: ``(k, B)`` or ``(k, B, n_classes)``."""
-        return self._head(self.net.predict(X))
+        out = self.net.predict(X)
+        if self.lin is not None:
+            out = np.concatenate((out, self.lin.predict(X)))
+        return self._head(out)
 
     def _head(self, out: np.ndarray) -> np.ndarray:
         if self.task == "regression":
@@ -237,7 +260,12 @@ class Learner:
             loss = np.log(total[:, 0]) - shifted[:, cls]
             d_out = expz / total
             d_out[:, cls] -= 1.0
-        self.net.backward_one(d_out.astype(F32, copy=False))
+        d_out = d_out.astype(F32, copy=False)
+        if self.lin is None:
+            self.net.backward_one(d_out)
+        else:
+            self.net.backward_one(d_out[: self.n_main])
+            self.lin.backward_one(d_out[self.n_main :])
         return self._apply(loss, 1)
 
     def learn_many(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray | None:
@@ -251,6 +279,8 @@ class Learner:
                     return None
         B = X.shape[0]
         out = self.net.forward(X)  # (k, B, n_out)
+        if self.lin is not None:
+            out = np.concatenate((out, self.lin.forward(X)))
         if self.task == "regression":
             for y in Y:
                 self.target.update(float(y))
@@ -275,10 +305,17 @@ class Learner:
             d_out = expz / total
             d_out[:, np.arange(B), cls] -= 1.0
             d_out /= B
-        self.net.backward(d_out.astype(F32, copy=False))
+        d_out = d_out.astype(F32, copy=False)
+        if self.lin is None:
+            self.net.backward(d_out)
+        else:
+            self.net.backward(d_out[: self.n_main])
+            self.lin.backward(d_out[self.n_main :])
         return self._apply(loss, B)
 
     def _apply(self, loss: np.ndarray, n: int) -> np.ndarray | None:
+        if self.lin is not None:
+            return self._apply_mixed(loss, n)
         grads = self.net.grads
         if self.k == 1:
             sq = float(np.dot(grads[0], grads[0]))
@@ -302,10 +339,34 @@ class Learner:
         self.n_learned += n
         return loss
 
+    def _apply_mixed(self, loss: np.ndarray, n: int) -> np.ndarray | None:
+        """:meth:`_apply` for a population with linear copies: the same per-copy clipping and
+        checks, each kind stepped by its own optimizer at its copies' rates."""
+        assert self.lin is not None and self.lin_optimizer is not None
+        parts = ((self.net, self.optimizer, slice(0, self.n_main)), (self.lin, self.lin_optimizer, slice(self.n_main, None)))
+        sq = [np.einsum("kp,kp->k", net.grads, net.grads) for net, _, _ in parts]
+        if not (all(np.all(np.isfinite(s)) for s in sq) and np.all(np.isfinite(loss))):
+            self.n_skipped += n
+            return None
+        lr = self._step_lr()
+        for (net, optimizer, rows), sq_k in zip(parts, sq):
+            if self.clip_norm is not None:
+                coef_k = np.minimum(self.clip_norm / (np.sqrt(sq_k) + 1e-6), 1.0)
+                net.grads *= coef_k[:, None].astype(F32)
+            optimizer.step(net.params, net.grads, lr[rows] if isinstance(lr, np.ndarray) else lr)
+        self.version += 1
+        self.n_learned += n
+        return loss
+
     def copy_member(self, src: int, dst: int) -> None:
         """Make copy ``dst`` of a population an exact clone of copy ``src`` (weights and moments)."""
-        for arr in self.state_arrays().values():
-            arr[dst] = arr[src]
+        if self.kinds[src] != self.kinds[dst]:
+            raise ValueError(f"copies {src} and {dst} are of different kinds")
+        linear = bool(self.kinds[src])
+        offset = self.n_main if linear else 0
+        for name, arr in self.state_arrays().items():
+            if name.startswith("linear.") == linear:
+                arr[dst - offset] = arr[src - offset]
         self.version += 1
 
     # -- state ----------------------------------------------------------------------
@@ -315,6 +376,10 @@ class Learner:
         arrays = {"params": self.net.params}
         for name, arr in self.optimizer.state_arrays().items():
             arrays[f"optimizer.{name}"] = arr
+        if self.lin is not None and self.lin_optimizer is not None:
+            arrays["linear.params"] = self.lin.params
+            for name, arr in self.lin_optimizer.state_arrays().items():
+                arrays[f"linear.optimizer.{name}"] = arr
         return arrays
 
     def state_scalars(self) -> dict[str, Any]:
@@ -327,6 +392,7 @@ class Learner:
             "version": self.version,
             "target": self.target.state(),
             "optimizer": self.optimizer.state_scalars(),
+            **({"linear_optimizer": self.lin_optimizer.state_scalars()} if self.lin_optimizer is not None else {}),
             "lr": self._lr.tolist() if isinstance(self._lr, np.ndarray) else self._lr,
         }
 
@@ -337,11 +403,25 @@ class Learner:
                 f"checkpoint parameters have shape {params.shape}, the configured model "
                 f"{self.net.params.shape}: the model changed since the checkpoint"
             )
+        lin_params = arrays.get("linear.params")
+        lin_shape = None if self.lin is None else self.lin.params.shape
+        if (None if lin_params is None else lin_params.shape) != lin_shape:
+            raise ValueError(
+                f"checkpoint has linear copies of shape {None if lin_params is None else lin_params.shape}, the "
+                f"configured model {lin_shape}: the model changed since the checkpoint"
+            )
         self.net.params[...] = params
         self.optimizer.load(
             {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer.")},
             scalars.get("optimizer", {}),
         )
+        if self.lin is not None and self.lin_optimizer is not None:
+            assert lin_params is not None
+            self.lin.params[...] = lin_params
+            self.lin_optimizer.load(
+                {k.split(".", 2)[2]: v for k, v in arrays.items() if k.startswith("linear.optimizer.")},
+                scalars.get("linear_optimizer", {}),
+            )
         self.n_learned = int(scalars["n_learned"])
         self.n_skipped = int(scalars["n_skipped"])
         self.n_outliers = int(scalars.get("n_outliers", 0))

@@ -25,7 +25,9 @@ policy                what it does
 ``population``        trains ``size`` copies of the model side by side at log-spaced rates
                       (one vectorised learner), serves the copy with the lowest recent loss,
                       and every ``period`` steps and after a drift clones the best copy into
-                      the worst and re-spreads the rates around the best one
+                      the worst and re-spreads the rates around the best one; with
+                      ``linear_copies``, linear models beside them at their own rates, and
+                      the kind with the lower recent error serves
 ====================  =====================================================================
 
 >>> policy = DriftReset(lr=0.01, boost=5.0, half_life=100)
@@ -59,7 +61,8 @@ class Decision:
 
 class LRPolicy(Protocol):
     name: str
-    population: int
+    population: int  # copies in all
+    linear_copies: int  # of them linear (the last ones)
 
     def lr(self) -> float | np.ndarray:
         """The learning rate for the next step (one per copy for a population)."""
@@ -87,6 +90,7 @@ class _Bounded:
 
     name = "base"
     population = 1
+    linear_copies = 0
 
     def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0) -> None:
         if not 0 < min_lr <= max_lr:
@@ -339,6 +343,16 @@ class Population:
     * after a drift, the worst half become clones of the best and the rates are
       re-spread around the best copy's rate.
 
+    With ``linear_copies`` the population holds a second *kind*: that many linear
+    models (copies ``size ..``) beside the ``size`` copies of the configured
+    network, each kind with its own grid of rates, moved as above within the
+    kind. Each kind's best copy is its candidate; which kind serves is decided
+    by a slower average (weight ``kind_alpha``) of what each candidate got wrong
+    (classification) or its absolute error (regression) on the readings it was
+    the candidate for. A linear model wins on linear concepts
+    (it learns them faster and with less noise), the network wherever the
+    concept is not linear; the benchmark decides, not the configuration.
+
     >>> p = Population(lr=0.01, size=3, spread=10.0)
     >>> [round(float(r), 4) for r in p.lr()]
     [0.001, 0.01, 0.1]
@@ -348,34 +362,44 @@ class Population:
 
     def __init__(self, lr: float, min_lr: float = 1e-6, max_lr: float = 1.0, size: int = 5,
                  spread: float = 3.0, alpha: float = 0.01, period: int = 500, by_error: bool = True,
-                 margin: float = 0.0) -> None:
+                 margin: float = 0.0, linear_copies: int = 0, kind_alpha: float = 0.003) -> None:
         if size < 2:
             raise ValueError(f"a population needs at least 2 copies, got {size}")
+        if linear_copies == 1 or linear_copies < 0:
+            raise ValueError(f"linear copies: 0 (none) or at least 2, got {linear_copies}")
         if spread <= 1:
             raise ValueError(f"spread must exceed 1, got {spread}")
         if not 0 < min_lr <= lr <= max_lr:
             raise ValueError(f"need 0 < min_lr <= lr <= max_lr, got {min_lr}, {lr}, {max_lr}")
-        if max_lr / min_lr < spread ** (size - 1):
+        if max_lr / min_lr < spread ** (max(size, linear_copies) - 1):
             raise ValueError(f"[min_lr, max_lr] is too narrow for {size} copies spread by {spread}")
-        self.population = size
+        if not 0 < kind_alpha <= 1:
+            raise ValueError(f"kind_alpha must be in (0, 1], got {kind_alpha}")
+        self.size = size
+        self.linear_copies = linear_copies
+        self.population = size + linear_copies
         self.base_lr = lr
         self.min_lr = min_lr
         self.max_lr = max_lr
         self.spread = spread
         self.alpha = alpha
+        self.kind_alpha = kind_alpha
         self.period = period
         self.by_error = by_error
         self.margin = margin
-        self._lrs = self._grid(lr)
-        self._avg = np.zeros(size)
-        self._wins = np.zeros(size)
+        # the copies of each kind: 0 the configured network, 1 the linear copies
+        self._kinds = [np.arange(size)] + ([np.arange(size, self.population)] if linear_copies else [])
+        self._lrs = np.concatenate([self._grid(lr, len(idx)) for idx in self._kinds])
+        self._avg = np.zeros(self.population)
+        self._wins = np.zeros(self.population)
         self._n = 0
-        self._best = int(np.argmin(np.abs(np.log(self._lrs / lr))))
+        self._best = [int(idx[np.argmin(np.abs(np.log(self._lrs[idx] / lr)))]) for idx in self._kinds]
+        self._kind_err = np.zeros(len(self._kinds))
+        self._kind = 0
         self._last_move = 0
 
-    def _grid(self, center: float) -> np.ndarray:
-        """``size`` rates ``spread`` apart around ``center``, shifted to fit the bounds."""
-        k = self.population
+    def _grid(self, center: float, k: int) -> np.ndarray:
+        """``k`` rates ``spread`` apart around ``center``, shifted to fit the bounds."""
         low = center * self.spread ** (-(k - 1) / 2)
         high = low * self.spread ** (k - 1)
         if high > self.max_lr:
@@ -388,7 +412,16 @@ class Population:
         return self._lrs
 
     def serving(self) -> int:
-        return self._best
+        return self._best[self._kind]
+
+    def best_of_kind(self, kind: int) -> int:
+        """The candidate copy of ``kind`` (0: the configured network, 1: linear)."""
+        return self._best[kind]
+
+    def prefer_kind(self, kind: int) -> None:
+        """Serve ``kind`` from now on, until the other kind's recent error is lower again."""
+        self._kind_err = np.maximum(self._kind_err, self._kind_err[kind])
+        self._kind = kind
 
     def update(self, learner: Learner, loss: np.ndarray, t: int) -> Decision | None:
         # rank copies by what users see: the error rate for classification (ties broken by
@@ -397,25 +430,39 @@ class Population:
             score = learner.last_wrong.astype(float) + 1e-3 * loss
         else:
             score = loss
+        candidates = list(self._best)  # the copies whose predictions each kind offered for this reading
         self._n += 1
         # a plain mean until 1/alpha samples are in, then an exponential average
         self._avg += max(self.alpha, 1.0 / self._n) * (score - self._avg)
-        leader = int(np.argmin(self._avg))
-        # switch the served copy only when another is better by `margin` (noise is not evidence)
-        if self._avg[leader] < self._avg[self._best] * (1.0 - self.margin):
-            self._best = leader
-        self._wins[leader] += 1
+        for kind, idx in enumerate(self._kinds):
+            leader = int(idx[np.argmin(self._avg[idx])])
+            # switch the copy only when another is better by `margin` (noise is not evidence)
+            if self._avg[leader] < self._avg[self._best[kind]] * (1.0 - self.margin):
+                self._best[kind] = leader
+            self._wins[leader] += 1
+        if len(self._kinds) > 1:
+            live = learner.last_wrong.astype(float) if learner.last_wrong is not None \
+                else np.sqrt(loss) * learner.target.std  # the absolute error on the target's own scale
+            self._kind_err += max(self.kind_alpha, 1.0 / self._n) * (live[candidates] - self._kind_err)
+            leader = int(np.argmin(self._kind_err))
+            if self._kind_err[leader] < self._kind_err[self._kind]:
+                self._kind = leader
         if t - self._last_move >= self.period:
             self._last_move = t
-            decision = self._extend(learner)
+            decisions = [d for d in (self._extend(learner, kind) for kind in range(len(self._kinds))) if d]
             self._wins[:] = 0
-            return decision
+            if not decisions:
+                return None
+            if len(decisions) == 1:
+                return decisions[0]
+            return Decision(", ".join(d.action for d in decisions), decisions[0].lr_before, decisions[0].lr_after)
         return None
 
-    def _extend(self, learner: Learner) -> Decision | None:
-        order = np.argsort(self._lrs)
-        best = int(np.argmax(self._wins))
-        if self._wins[best] < 0.5 * self._wins.sum():
+    def _extend(self, learner: Learner, kind: int) -> Decision | None:
+        idx = self._kinds[kind]
+        order = idx[np.argsort(self._lrs[idx])]
+        best = int(idx[np.argmax(self._wins[idx])])
+        if self._wins[best] < 0.5 * self._wins[idx].sum():
             return None
         if best == order[-1] and self._lrs[best] * self.spread <= self.max_lr * (1 + 1e-9):
             dst, new_lr = int(order[0]), self._lrs[best] * self.spread
@@ -428,37 +475,48 @@ class Population:
         self._lrs = self._lrs.copy()
         self._lrs[dst] = new_lr
         lr_best = float(self._lrs[best])
-        return Decision("extend_up" if new_lr > lr_best else "extend_down", lr_best, lr_best)
+        action = "extend_up" if new_lr > lr_best else "extend_down"
+        return Decision(action if kind == 0 else f"linear {action}", lr_best, lr_best)
 
     def on_drift(self, learner: Learner | None, t: int) -> Decision | None:
         if learner is None:
             return None
-        best = self._best
-        before = float(self._lrs[best])
-        for dst in np.argsort(self._avg)[(self.population + 1) // 2:]:  # the worst half
-            if dst != best:
-                learner.copy_member(best, int(dst))
-                self._avg[dst] = self._avg[best]
-        grid = self._grid(before)
-        # the best copy keeps the grid value nearest its rate; the others take the rest in order
-        keep = int(np.argmin(np.abs(np.log(grid / before))))
-        others = [int(i) for i in np.argsort(self._lrs) if i != best]
+        before = float(self._lrs[self.serving()])
         self._lrs = self._lrs.copy()
-        self._lrs[best] = grid[keep]
-        self._lrs[others] = np.delete(grid, keep)
+        for kind, idx in enumerate(self._kinds):
+            best = self._best[kind]
+            kind_before = float(self._lrs[best])
+            for dst in idx[np.argsort(self._avg[idx])][(len(idx) + 1) // 2:]:  # the worst half
+                if dst != best:
+                    learner.copy_member(best, int(dst))
+                    self._avg[dst] = self._avg[best]
+            grid = self._grid(kind_before, len(idx))
+            # the best copy keeps the grid value nearest its rate; the others take the rest in order
+            keep = int(np.argmin(np.abs(np.log(grid / kind_before))))
+            others = [int(i) for i in idx[np.argsort(self._lrs[idx])] if i != best]
+            self._lrs[best] = grid[keep]
+            self._lrs[others] = np.delete(grid, keep)
         self._last_move = t
-        return Decision("respread", before, float(self._lrs[best]))
+        return Decision("respread", before, float(self._lrs[self.serving()]))
 
     def state(self) -> dict[str, Any]:
         return {"lrs": self._lrs.tolist(), "avg": self._avg.tolist(), "wins": self._wins.tolist(), "n": self._n,
-                "best": self._best, "last_move": self._last_move}
+                "best": list(self._best), "kind_err": self._kind_err.tolist(), "kind": self._kind,
+                "last_move": self._last_move}
 
     def load(self, state: dict[str, Any]) -> None:
-        self._lrs = np.asarray(state["lrs"], dtype=np.float64)
+        lrs = np.asarray(state["lrs"], dtype=np.float64)
+        if lrs.shape != (self.population,):
+            raise ValueError(f"policy state for {lrs.shape[0]} copies, configured {self.population}: "
+                             "the population changed since the checkpoint")
+        self._lrs = lrs
         self._avg = np.asarray(state["avg"], dtype=np.float64)
         self._wins = np.asarray(state["wins"], dtype=np.float64)
         self._n = int(state["n"])
-        self._best = int(state["best"])
+        best = state["best"]
+        self._best = [int(b) for b in best] if isinstance(best, list) else [int(best)]  # (an int before kinds)
+        self._kind_err = np.asarray(state.get("kind_err", [0.0] * len(self._kinds)), dtype=np.float64)
+        self._kind = int(state.get("kind", 0))
         self._last_move = int(state["last_move"])
 
 
@@ -483,5 +541,6 @@ def make_policy(config: ScheduleConfig, lr: float) -> LRPolicy:
         return DoG(**common, r_eps=config.r_eps)
     if p == "population":
         return Population(**common, size=config.size, spread=config.spread, alpha=config.alpha,
-                          period=config.period, by_error=config.by_error, margin=config.margin)
+                          period=config.period, by_error=config.by_error, margin=config.margin,
+                          linear_copies=config.linear_copies, kind_alpha=config.kind_alpha)
     raise ValueError(f"unknown learning-rate policy {p!r}; choose from {POLICIES}")

@@ -123,7 +123,7 @@ class SlotMetrics:
 
 
 def make_learner(shape: ModelShape, config: StreamConfig, population: int = 1,
-                 scratch: dict[tuple[int, int], np.ndarray] | None = None) -> Learner:
+                 scratch: dict[tuple[int, int], np.ndarray] | None = None, linear_copies: int = 0) -> Learner:
     """The learner of the configured engine (``auto`` = fused for every model kind so far)."""
     if config.model.engine == "torch":
         if population != 1:
@@ -132,7 +132,8 @@ def make_learner(shape: ModelShape, config: StreamConfig, population: int = 1,
 
         return TorchLearner(shape, config.task, config.optimizer, seed=config.model.seed)  # type: ignore[return-value]
     return Learner(shape, config.task, config.optimizer, seed=config.model.seed, population=population,
-                   outlier_z=config.guard.outlier_z, accept_after=config.guard.accept_after, scratch=scratch)
+                   outlier_z=config.guard.outlier_z, accept_after=config.guard.accept_after, scratch=scratch,
+                   linear_copies=linear_copies)
 
 
 class RollbackGuard:
@@ -232,12 +233,13 @@ class RollbackGuard:
         return False
 
     def roll_back(self, learner: Learner) -> int:
-        """Put the snapshot into every copy; returns the step it was taken at."""
+        """Put the snapshot into every copy of the network (a population's linear copies, cheap to
+        retrain, learn on); returns the step it was taken at."""
         assert self._shadow is not None
         step = self._shadow_step
         learner.net.params[:] = self._shadow.net.params[0]
         for name, arr in learner.state_arrays().items():
-            if name != "params":
+            if name != "params" and not name.startswith("linear."):
                 arr[...] = 0.0  # the optimizer's moments belonged to the poisoned trajectory
         learner.target.load(self._shadow.target.state())
         learner.version += 1
@@ -292,8 +294,12 @@ class Slot:
             n_out=config.n_outputs,
             activation=config.model.activation,
         )
-        self.policy: LRPolicy = make_policy(config.schedule, config.optimizer.lr)
-        self.learner = make_learner(shape, config, self.policy.population, scratch)
+        schedule = config.schedule
+        if not shape.hidden or config.model.engine == "torch":  # linear copies go beside a network
+            schedule = schedule.model_copy(update={"linear_copies": 0})
+        self.policy: LRPolicy = make_policy(schedule, config.optimizer.lr)
+        linear = self.policy.linear_copies
+        self.learner = make_learner(shape, config, self.policy.population - linear, scratch, linear)
         self.learner.lr = self.policy.lr()
         d = config.drift
         self.drift = DriftMonitor(d.detectors, grace=d.grace, cooldown=d.cooldown, min_agree=d.min_agree,
@@ -361,6 +367,8 @@ class Slot:
         if guard is not None and guard.in_trial and guard.compare(x, live_error, y):
             lr = self.lr
             step = guard.roll_back(self.learner)
+            if self.policy.linear_copies:
+                self.policy.prefer_kind(0)  # type: ignore[attr-defined]  # serve what was restored
             logger.info("rolled back model %s to its snapshot of step %d: it predicts clearly better", self.key, step)
             events.append(("guard", None, "rollback", lr, lr, self.drift.loss.slow))
 
@@ -379,7 +387,9 @@ class Slot:
             ratio = monitor.fast / max(monitor.slow, floor)
             if monitor.n > 500:
                 guard.watch(self.learner, spiking=ratio > 3.0, drift=signal is not None)
-            guard.observe(self.learner, self.policy.serving(), healthy=ratio < 1.5)
+            # the guard keeps snapshots of the network's best copy (a population's linear copies have none)
+            network = self.policy.best_of_kind(0) if self.policy.linear_copies else self.policy.serving()  # type: ignore[attr-defined]
+            guard.observe(self.learner, network, healthy=ratio < 1.5)
 
     def predict_many(self, X: np.ndarray) -> np.ndarray:
         """Served predictions for a batch, all from the model as it is now."""

@@ -10,10 +10,10 @@ from streamlearn.config import parse_config
 from streamlearn.stream import Slot
 
 
-def make_slot(**guard: Any) -> Slot:
+def make_slot(schedule: dict[str, Any] | None = None, **guard: Any) -> Slot:
     cfg = parse_config({"streams": [{
         "name": "s", "topic": "s/#", "features": ["a", "b", "c"], "label": {"field": "y"},
-        "schedule": {"policy": "constant"}, "optimizer": {"lr": 0.05}, "guard": guard,
+        "schedule": schedule or {"policy": "constant"}, "optimizer": {"lr": 0.05}, "guard": guard,
     }]})
     return Slot("d", cfg.streams[0])
 
@@ -46,6 +46,26 @@ def test_a_burst_of_mirrored_labels_is_rolled_back() -> None:
     after = run(slot, 1500, rng, w)
     assert rollbacks(burst + after) == 1
     # and the model it went back to is good: the error is back near the noise level
+    assert slot.drift.loss.fast < 0.1
+
+
+def test_a_population_with_linear_copies_rolls_back_its_network_and_serves_it() -> None:
+    rng = np.random.default_rng(0)
+    w = np.array([3.0, -2.0, 1.0])
+    slot = make_slot({"policy": "population", "linear_copies": 3})
+    policy = slot.policy
+    assert rollbacks(run(slot, 3000, rng, w)) == 0
+    linear_before = slot.learner.state_arrays()["linear.params"].copy()
+    events = run(slot, 300, rng, w, flip_mean=10.0)
+    for _ in range(1500):  # the trial decides within its length
+        if rollbacks(events):
+            break
+        events += run(slot, 1, rng, w)
+    assert rollbacks(events) == 1
+    assert policy.serving() == policy.best_of_kind(0)  # type: ignore[attr-defined]  # the restored network serves
+    # the linear copies were not overwritten by the network's snapshot (they learned on: the burst moved them)
+    assert not np.array_equal(slot.learner.state_arrays()["linear.params"], linear_before)
+    run(slot, 1500, rng, w)
     assert slot.drift.loss.fast < 0.1
 
 

@@ -109,6 +109,39 @@ def test_a_population_is_k_independent_models() -> None:
         np.testing.assert_allclose(population.net.params[i], single.net.params[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_linear_copies_learn_as_a_separate_linear_population_would(opt: str) -> None:
+    config = OptimizerConfig(name=opt, lr=0.01, clip_norm=1.0)
+    shape = ModelShape(8, (16,), 1)
+    mixed = Learner(shape, "binary", config, seed=5, population=2, linear_copies=3)
+    network = Learner(shape, "binary", config, seed=5, population=2)
+    linear = Learner(ModelShape(8, (), 1), "binary", config, seed=6, population=3)
+    lrs = np.array([0.01, 0.1, 0.003, 0.03, 0.3])
+    mixed.lr, network.lr, linear.lr = lrs, lrs[:2], lrs[2:]
+    np.testing.assert_array_equal(mixed.kinds, [0, 0, 1, 1, 1])
+    X, Y = stream("binary", 300)
+    for x, y in zip(X[:200], Y[:200]):
+        np.testing.assert_allclose(mixed.predict_one(x), np.concatenate(
+            [network.predict_one(x), linear.predict_one(x)]), atol=1e-6)
+        loss = mixed.learn_one(x, y)
+        assert loss is not None
+        np.testing.assert_allclose(loss, np.concatenate([network.learn_one(x, y), linear.learn_one(x, y)]),
+                                   atol=1e-5)
+        np.testing.assert_array_equal(mixed.last_wrong, np.concatenate([network.last_wrong, linear.last_wrong]))
+    for i in range(200, 300, 20):  # micro-batches
+        mixed.learn_many(X[i:i + 20], Y[i:i + 20])
+        network.learn_many(X[i:i + 20], Y[i:i + 20])
+        linear.learn_many(X[i:i + 20], Y[i:i + 20])
+    np.testing.assert_allclose(mixed.net.params, network.net.params, atol=1e-5)
+    np.testing.assert_allclose(mixed.state_arrays()["linear.params"], linear.net.params, atol=1e-5)
+    # the state round-trips; a learner configured without the linear copies refuses it
+    twin = Learner(shape, "binary", config, population=2, linear_copies=3)
+    twin.load_state({k: v.copy() for k, v in mixed.state_arrays().items()}, mixed.state_scalars())
+    np.testing.assert_array_equal(twin.predict_one(X[0]), mixed.predict_one(X[0]))
+    with pytest.raises(ValueError, match="model changed"):
+        network.load_state(mixed.state_arrays(), mixed.state_scalars())
+
+
 def test_a_non_finite_target_skips_the_update_and_is_counted() -> None:
     learner = Learner(ModelShape(2, (4,), 1), "binary", OPTIMIZERS["sgd"])
     before = learner.net.params.copy()

@@ -15,12 +15,18 @@ from streamlearn.schedulers import POLICIES, DoG, DriftReset, Hypergradient, Pop
 BOUNDS = {"min_lr": 1e-4, "max_lr": 0.5}
 
 
+def learner_for(policy: object, shape: ModelShape, seed: int) -> Learner:
+    """A learner with the copies the policy trains (the default population: linear ones beside the network)."""
+    linear = policy.linear_copies  # type: ignore[attr-defined]
+    return Learner(shape, "regression", OptimizerConfig(lr=0.01), seed=seed,
+                   population=policy.population - linear, linear_copies=linear)  # type: ignore[attr-defined]
+
+
 def drive(policy_name: str, steps: int, seed: int = 0, drift_at: tuple[int, ...] = (300,)) -> tuple[list, object]:
     """Train a small learner under the policy on a noisy stream; returns the lr trajectory."""
     cfg = ScheduleConfig(policy=policy_name, patience=50, period=100, **BOUNDS)
     policy = make_policy(cfg, 0.01)
-    learner = Learner(ModelShape(3, (8,), 1), "regression", OptimizerConfig(lr=0.01), seed=seed,
-                      population=policy.population)
+    learner = learner_for(policy, ModelShape(3, (8,), 1), seed)
     rng = np.random.default_rng(seed)
     trajectory = []
     for t in range(steps):
@@ -50,7 +56,7 @@ def test_contract_state_round_trips_through_json(name: str) -> None:
     saved = json.loads(json.dumps(policy.state()))
     twin = make_policy(ScheduleConfig(policy=name, patience=50, period=100, **BOUNDS), 0.01)
     twin.load(saved)
-    twin_learner = Learner(learner.shape, "regression", OptimizerConfig(lr=0.01), population=policy.population)
+    twin_learner = learner_for(twin, learner.shape, 0)
     twin_learner.load_state({k: v.copy() for k, v in learner.state_arrays().items()}, learner.state_scalars())
     rng = np.random.default_rng(9)
     for _ in range(200):
@@ -144,6 +150,35 @@ def test_population_serves_its_best_copy_and_follows_it_out_of_the_grid() -> Non
     assert decision is not None and decision.action == "respread"
     np.testing.assert_allclose(sorted(p.lr()), [0.01, 0.1, 1.0])  # around 1.0, shifted under max_lr
     assert p.lr()[p.serving()] == pytest.approx(1.0)
+
+
+def test_population_with_linear_copies_serves_the_kind_with_the_lower_recent_error() -> None:
+    learner = Learner(ModelShape(2, (4,), 1), "binary", OptimizerConfig(lr=0.01), population=3, linear_copies=2)
+    p = Population(lr=0.01, size=3, spread=10, alpha=0.5, period=10**6, linear_copies=2, kind_alpha=0.1,
+                   min_lr=1e-5, max_lr=1.0)
+    assert p.population == 5 and p.serving() == 1  # the network's middle copy
+    np.testing.assert_allclose(p.lr(), [0.001, 0.01, 0.1, 0.00316228, 0.0316228], rtol=1e-5)
+    loss = np.full(5, 0.5)
+    for t in range(1, 40):  # copy 4 (linear) is never wrong, every network copy always
+        learner.last_wrong = np.array([True, True, True, False, False])
+        p.update(learner, loss + np.array([0, 0, 0, 0.1, 0.0]), t)
+    assert p.serving() == 4 and p.best_of_kind(0) in (0, 1, 2)
+    for t in range(40, 200):  # now the network's copy 2 is right and the linear ones wrong
+        learner.last_wrong = np.array([True, True, False, True, True])
+        p.update(learner, loss + np.array([0, 0, 0, 0.1, 0.0]), t)
+    assert p.serving() == 2
+    p.prefer_kind(1)
+    assert p.serving() == 4
+    # a drift re-spreads each kind around its own best copy, cloning only within the kind
+    before = learner.state_arrays()
+    decision = p.on_drift(learner, 200)
+    assert decision is not None and decision.action == "respread"
+    after = learner.state_arrays()
+    assert sorted(np.round(p.lr()[:3], 6)) == sorted(np.round(p._grid(0.1, 3), 6))
+    np.testing.assert_array_equal(after["linear.params"][0], after["linear.params"][1])
+    assert after["params"].shape == before["params"].shape
+    with pytest.raises(ValueError, match="different kinds"):
+        learner.copy_member(0, 3)
 
 
 def test_population_bounds_must_hold_the_grid() -> None:
