@@ -75,6 +75,32 @@ def test_a_checkpoint_that_did_not_complete_is_ignored_and_deleted(store_path: P
     again.close()
 
 
+def test_each_checkpoint_records_its_own_steps_not_the_batch_between_them(store_path: Path) -> None:
+    """A batch transaction may hold the last step of one checkpoint, the processing of its
+    messages, and the first step of the next: the pause recorded is each step's own work."""
+    import time
+
+    store = SQLiteStore(store_path)
+    params = np.ones((1, 4), dtype=np.float32)
+    first, second = store.next_checkpoint_id(), store.next_checkpoint_id() + 1
+    store.begin()
+    store.stage([row(1)], [])
+    started = time.perf_counter()
+    store.write_models(first, [SlotState("s", "a", {"params": params}, {"v": 1})], started=started)
+    store.finish_checkpoint(first, 1, {}, [], "interval", [], slots_written=1, bytes_written=0, started=started)
+    processing_until = time.perf_counter() + 0.2  # the batch's messages, handled between the steps
+    while time.perf_counter() < processing_until:
+        pass
+    started = time.perf_counter()
+    store.write_models(second, [SlotState("s", "a", {"params": params * 2}, {"v": 2})], started=started)
+    store.finish_checkpoint(second, 1, {}, [], "interval", [], slots_written=1, bytes_written=0, started=started)
+    store.commit()
+    durations = store._conn.execute("SELECT id, duration_ms FROM checkpoints ORDER BY id").fetchall()
+    assert [d[0] for d in durations] == [first, second]
+    assert all(0 < d[1] < 100 for d in durations), durations  # not the 200 ms between them
+    store.close()
+
+
 def test_a_model_keeps_at_most_two_rows(store_path: Path) -> None:
     store = SQLiteStore(store_path)
     for v in range(1, 5):

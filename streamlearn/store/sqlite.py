@@ -128,11 +128,12 @@ class SQLiteStore:
         self._tx_bytes = 0  # about how much the open transaction writes, for the WalCheckpointer
         self._tx_staged = False  # it holds received messages (a batch), not only checkpoint work
         self._durable = True  # the open transaction fsyncs at COMMIT (False: a checkpoint step alone)
-        # checkpoint work in the open transaction: (began, ended) as perf_counter values,
-        # and the id of the checkpoint it completes
-        self._tx_work: tuple[float, float] | None = None
-        self._tx_finishes: int | None = None
-        self._stall_max_ms = 0.0  # the longest pause among the steps of the checkpoint being written
+        # checkpoint steps in the open transaction: per checkpoint id, its longest step (ms; a
+        # batch may hold the last step of one checkpoint and the first of the next), and the ids
+        # it completes
+        self._tx_steps: dict[int, float] = {}
+        self._tx_finishes: list[int] = []
+        self._stall_max_ms: dict[int, float] = {}  # per checkpoint being written: its longest pause
         self.last_checkpoint_ms = 0.0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,8 +248,8 @@ class SQLiteStore:
             raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from None
         self._in_batch = True
         self._durable = durable
-        self._tx_work = None
-        self._tx_finishes = None
+        self._tx_steps = {}
+        self._tx_finishes = []
         self._tx_bytes = 0
         self._tx_staged = False
 
@@ -290,8 +291,8 @@ class SQLiteStore:
     def commit(self) -> None:
         """Make the batch durable; on failure everything staged is gone and StoreError is raised."""
         assert self._in_batch, "commit() needs begin()"
-        work, finishes, n_bytes, staged = self._tx_work, self._tx_finishes, self._tx_bytes, self._tx_staged
-        if work is not None:
+        steps, finishes, n_bytes, staged = self._tx_steps, self._tx_finishes, self._tx_bytes, self._tx_staged
+        if steps:
             self._fault("checkpoint:before_commit")
         commit_started = time.perf_counter()
         try:
@@ -302,21 +303,20 @@ class SQLiteStore:
         finally:
             self._end_transaction()
         self._wal_checkpointer.wrote(n_bytes)
-        if work is not None:
+        if steps:
             self._fault("checkpoint:after_commit")
-            # the pause this step of a checkpoint caused: its own work, and the COMMIT when the
+            # the pause a step of a checkpoint caused: its own work, and the COMMIT when the
             # transaction is the step's alone (a batch commits, and fsyncs, with or without it)
-            stall = (work[1] - work[0]) * 1000.0
-            if not staged:
-                stall += (time.perf_counter() - commit_started) * 1000.0
-            self.last_checkpoint_ms = stall
-            self._stall_max_ms = max(self._stall_max_ms, stall)
-            if finishes is not None:
-                self._record_duration(finishes, self._stall_max_ms)
-                self._stall_max_ms = 0.0
+            commit_ms = 0.0 if staged else (time.perf_counter() - commit_started) * 1000.0
+            self.last_checkpoint_ms = max(steps.values()) + commit_ms
+            for checkpoint_id, work_ms in steps.items():
+                stall = work_ms + commit_ms
+                self._stall_max_ms[checkpoint_id] = max(self._stall_max_ms.get(checkpoint_id, 0.0), stall)
+            for checkpoint_id in finishes:
+                self._record_duration(checkpoint_id, self._stall_max_ms.pop(checkpoint_id, 0.0))
 
     def rollback(self) -> None:
-        self._stall_max_ms = 0.0
+        self._stall_max_ms = {}
         try:
             self._conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
@@ -331,8 +331,8 @@ class SQLiteStore:
         durable = self._durable
         self._in_batch = False
         self._durable = True
-        self._tx_work = None
-        self._tx_finishes = None
+        self._tx_steps = {}
+        self._tx_finishes = []
         self._restore_synchronous(durable)
         self._release_tx_lock()
 
@@ -431,10 +431,11 @@ class SQLiteStore:
             self.commit()
         return checkpoint_id
 
-    def _note_work(self, started: float | None) -> None:
-        now = time.perf_counter()
-        first = self._tx_work[0] if self._tx_work is not None else (now if started is None else started)
-        self._tx_work = (first, now)
+    def _note_work(self, checkpoint_id: int, started: float | None) -> None:
+        """A step of ``checkpoint_id`` that began at ``started`` has worked until now (each
+        call of one step passes the same ``started``, so the last call gives its length)."""
+        ms = 0.0 if started is None else (time.perf_counter() - started) * 1000.0
+        self._tx_steps[checkpoint_id] = max(self._tx_steps.get(checkpoint_id, 0.0), ms)
 
     def write_models(self, checkpoint_id: int, slots: list[SlotState], started: float | None = None) -> int:
         """One step of a checkpoint: store these models under ``checkpoint_id``; returns bytes written.
@@ -467,7 +468,7 @@ class SQLiteStore:
             self._fault("checkpoint:models_written")
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: checkpoint write failed: {exc}") from None
-        self._note_work(started)
+        self._note_work(checkpoint_id, started)
         return n_bytes
 
     def finish_checkpoint(
@@ -510,8 +511,8 @@ class SQLiteStore:
             )
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: checkpoint write failed: {exc}") from None
-        self._note_work(started)
-        self._tx_finishes = checkpoint_id
+        self._note_work(checkpoint_id, started)
+        self._tx_finishes.append(checkpoint_id)
 
     def _record_duration(self, checkpoint_id: int, duration_ms: float) -> None:
         """Store the longest pause among a checkpoint's steps (collecting and writing; the COMMIT
