@@ -151,6 +151,7 @@ class Learner:
         self.kinds = np.array([0] * population + [1] * linear_copies, dtype=np.int8)  # 0: shape, 1: linear
         self.target = TargetScaler()
         self._lr: float | np.ndarray = optimizer.lr
+        self._lr_source: np.ndarray | None = None  # the array the rates were last taken from
         self.n_learned = 0
         self.n_skipped = 0
         self.n_outliers = 0
@@ -172,16 +173,20 @@ class Learner:
 
     @lr.setter
     def lr(self, value: float | np.ndarray) -> None:
+        if value is self._lr_source:  # a policy's rates, unchanged since the last step (policies copy
+            return  # their array before they change it)
         if isinstance(value, np.ndarray):
             if value.shape != (self.k,):
                 raise ValueError(f"expected {self.k} learning rates, got shape {value.shape}")
             if not np.all(np.isfinite(value)) or np.any(value <= 0):
                 raise ValueError("learning rates must be positive and finite")
             self._lr = value.astype(np.float64)
+            self._lr_source = value
         else:
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"learning rate must be positive and finite, got {value!r}")
             self._lr = float(value)
+            self._lr_source = None
 
     def _step_lr(self) -> float | np.ndarray:
         return self._lr[:, None] if isinstance(self._lr, np.ndarray) else self._lr
@@ -328,7 +333,7 @@ class Learner:
                     grads *= F32(coef)
         else:
             sq_k = np.einsum("kp,kp->k", grads, grads)
-            if not (np.all(np.isfinite(sq_k)) and np.all(np.isfinite(loss))):
+            if not math.isfinite(float(sq_k.sum()) + float(loss.sum())):  # (as in _apply_mixed)
                 self.n_skipped += n
                 return None
             if self.clip_norm is not None:
@@ -343,9 +348,12 @@ class Learner:
         """:meth:`_apply` for a population with linear copies: the same per-copy clipping and
         checks, each kind stepped by its own optimizer at its copies' rates."""
         assert self.lin is not None and self.lin_optimizer is not None
-        parts = ((self.net, self.optimizer, slice(0, self.n_main)), (self.lin, self.lin_optimizer, slice(self.n_main, None)))
+        parts = ((self.net, self.optimizer, slice(0, self.n_main)),
+                 (self.lin, self.lin_optimizer, slice(self.n_main, None)))
         sq = [np.einsum("kp,kp->k", net.grads, net.grads) for net, _, _ in parts]
-        if not (all(np.all(np.isfinite(s)) for s in sq) and np.all(np.isfinite(loss))):
+        # one scalar check: a sum is finite only if every term is (or it overflows: a norm that
+        # large is no step to take either)
+        if not math.isfinite(float(sq[0].sum()) + float(sq[1].sum()) + float(loss.sum())):
             self.n_skipped += n
             return None
         lr = self._step_lr()
@@ -430,6 +438,7 @@ class Learner:
         self.target.load(scalars["target"])
         lr = scalars["lr"]
         self._lr = np.asarray(lr, dtype=np.float64) if isinstance(lr, list) else float(lr)
+        self._lr_source = None
         self._cached_x = None
 
 
