@@ -72,6 +72,14 @@ class LRPolicy(Protocol):
         """Which copy's prediction to publish."""
         ...
 
+    def best_of_kind(self, kind: int) -> int:
+        """The best copy of one kind (0: the configured network, 1: linear copies)."""
+        ...
+
+    def prefer_kind(self, kind: int) -> None:
+        """Serve ``kind`` from now on (after a rollback restored it)."""
+        ...
+
     def update(self, learner: Learner, loss: np.ndarray, t: int) -> Decision | None:
         """See the loss of step ``t`` (per copy); may return a discrete decision."""
         ...
@@ -110,6 +118,12 @@ class _Bounded:
 
     def serving(self) -> int:
         return 0
+
+    def best_of_kind(self, kind: int) -> int:
+        return 0
+
+    def prefer_kind(self, kind: int) -> None:
+        """One kind of copy only: nothing to choose."""
 
     def update(self, learner: Learner, loss: np.ndarray, t: int) -> Decision | None:
         return None

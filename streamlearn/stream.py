@@ -367,8 +367,7 @@ class Slot:
         if guard is not None and guard.in_trial and guard.compare(x, live_error, y):
             lr = self.lr
             step = guard.roll_back(self.learner)
-            if self.policy.linear_copies:
-                self.policy.prefer_kind(0)  # type: ignore[attr-defined]  # serve what was restored
+            self.policy.prefer_kind(0)  # serve what was restored
             logger.info("rolled back model %s to its snapshot of step %d: it predicts clearly better", self.key, step)
             events.append(("guard", None, "rollback", lr, lr, self.drift.loss.slow))
 
@@ -388,8 +387,7 @@ class Slot:
             if monitor.n > 500:
                 guard.watch(self.learner, spiking=ratio > 3.0, drift=signal is not None)
             # the guard keeps snapshots of the network's best copy (a population's linear copies have none)
-            network = self.policy.best_of_kind(0) if self.policy.linear_copies else self.policy.serving()  # type: ignore[attr-defined]
-            guard.observe(self.learner, network, healthy=ratio < 1.5)
+            guard.observe(self.learner, self.policy.best_of_kind(0), healthy=ratio < 1.5)
 
     def predict_many(self, X: np.ndarray) -> np.ndarray:
         """Served predictions for a batch, all from the model as it is now."""

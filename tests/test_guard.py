@@ -62,7 +62,7 @@ def test_a_population_with_linear_copies_rolls_back_its_network_and_serves_it() 
             break
         events += run(slot, 1, rng, w)
     assert rollbacks(events) == 1
-    assert policy.serving() == policy.best_of_kind(0)  # type: ignore[attr-defined]  # the restored network serves
+    assert policy.serving() == policy.best_of_kind(0)  # the restored network serves
     # the linear copies were not overwritten by the network's snapshot (they learned on: the burst moved them)
     assert not np.array_equal(slot.learner.state_arrays()["linear.params"], linear_before)
     run(slot, 1500, rng, w)
