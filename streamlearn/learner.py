@@ -414,9 +414,12 @@ class Learner:
         lin_params = arrays.get("linear.params")
         lin_shape = None if self.lin is None else self.lin.params.shape
         if (None if lin_params is None else lin_params.shape) != lin_shape:
+            saved = 0 if lin_params is None else lin_params.shape[0]
+            configured = 0 if lin_shape is None else lin_shape[0]
             raise ValueError(
-                f"checkpoint has linear copies of shape {None if lin_params is None else lin_params.shape}, the "
-                f"configured model {lin_shape}: the model changed since the checkpoint"
+                f"the checkpoint has {saved} linear copies of the model, the config {configured} "
+                f"(schedule.linear_copies; stores written before linear copies existed need 0): "
+                "the model changed since the checkpoint"
             )
         self.net.params[...] = params
         self.optimizer.load(

@@ -611,6 +611,7 @@ class WalCheckpointer:
         try:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute("PRAGMA busy_timeout=20")  # the final copy holds the writer's lock meanwhile
         except sqlite3.Error as exc:
             logger.error("the WAL checkpointer cannot open %s (the agent's own commits will copy the WAL): %s",
                          self.path, exc)
@@ -649,7 +650,10 @@ class WalCheckpointer:
         if not self.tx_lock.acquire(timeout=1.0):
             return
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # TRUNCATE: with no writer, copy the rest and start the WAL over now (an agent that has
+            # gone idle would never begin the transaction that does it); it waits at most
+            # busy_timeout for readers, and if one stays, the next write starts it over instead
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         finally:
             self.tx_lock.release()
 
