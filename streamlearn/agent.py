@@ -281,6 +281,8 @@ class Agent:
                 try:
                     outgoing = self.runners[name].handle_many(items, self.clock.monotonic(),
                                                               self.config.agent.micro_batch_size)
+                except StoreError:
+                    raise  # a model written early for a checkpoint was refused: the batch fails as a whole
                 except Exception:  # a bug must not stop the gateway; the rows are kept in the inbox
                     self.counters["internal_errors"] += 1
                     logger.exception("internal error processing %d rows of stream %s; skipped", len(items), name)
@@ -356,6 +358,8 @@ class Agent:
         runner = self.runners[reading.stream]
         try:
             outgoing = runner.handle(row, reading, received_mono, self.clock.monotonic())
+        except StoreError:
+            raise  # a model written early for a checkpoint was refused: the batch fails as a whole
         except Exception:  # a bug must not stop the gateway; the row is kept in the inbox
             self.counters["internal_errors"] += 1
             logger.exception("internal error processing inbox row %d (%s); skipped", row.seq, row.topic)
@@ -408,7 +412,8 @@ class Agent:
         (Rows left by one abandoned after a failed step carry the same id; every model
         they hold is written again, because abandoning marked them all changed.)
         """
-        self._pending = PendingCheckpoint(self.store.next_checkpoint_id(), self.position, reason, self.runners)
+        self._pending = PendingCheckpoint(self.store.next_checkpoint_id(), self.position, reason, self.runners,
+                                          store=self.store)
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
 

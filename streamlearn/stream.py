@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -510,9 +511,11 @@ class StreamRunner:
         # the highest sequence number seen per sequence scope (device and boot), newest scopes last
         self.last_seq: OrderedDict[str, int] = OrderedDict()
         # a checkpoint being written in steps: models it still has to write, as they were at its
-        # position (a model about to change is snapshotted first, see _before_change)
+        # position (a model about to change is written first, or copied, see _before_change)
         self._capture_pending: set[str] = set()
         self._captured: dict[str, SlotState] = {}
+        self._capture_written: set[str] = set()
+        self._capture_write: Callable[[SlotState], bool] | None = None
 
     # -- slots --------------------------------------------------------------------
 
@@ -530,10 +533,15 @@ class StreamRunner:
         return slot
 
     def _before_change(self, slot: Slot) -> None:
-        """Copy-on-write for a checkpoint being written: keep the model as it was at its position."""
+        """A checkpoint being written needs the model as it was at its position: write it now
+        (in the open transaction, no copy held) or, when the store cannot take it now, copy it."""
         if slot.key in self._capture_pending:
             self._capture_pending.discard(slot.key)
-            self._captured[slot.key] = slot.snapshot(self.name)
+            write = self._capture_write
+            if write is not None and write(slot.to_state(self.name)):
+                self._capture_written.add(slot.key)
+            else:
+                self._captured[slot.key] = slot.snapshot(self.name)
 
     # -- the pipeline ------------------------------------------------------------------
 
@@ -735,17 +743,26 @@ class StreamRunner:
     # changed models at the checkpoint's position; take_capture hands each one over, as it
     # was then; end_capture or abandon_capture closes it.
 
-    def begin_capture(self) -> list[str]:
-        """The keys of the models changed since the last checkpoint (now marked saved)."""
-        assert not self._capture_pending and not self._captured, "a capture is already open"
+    def begin_capture(self, write: Callable[[SlotState], bool] | None = None) -> list[str]:
+        """The keys of the models changed since the last checkpoint (now marked saved).
+
+        ``write`` stores a model of the capture that is about to change, as it is, and returns
+        True; False when it cannot now (no transaction open): the model is copied instead.
+        """
+        assert not self._capture_pending and not self._captured and not self._capture_written, \
+            "a capture is already open"
         keys = [key for key, slot in self.slots.items() if slot.dirty]
         for key in keys:
             self.slots[key].dirty = False
         self._capture_pending = set(keys)
+        self._capture_write = write
         return keys
 
-    def take_capture(self, key: str) -> SlotState:
-        """Model ``key`` as it was when the capture began."""
+    def take_capture(self, key: str) -> SlotState | None:
+        """Model ``key`` as it was when the capture began; None when it was written already."""
+        if key in self._capture_written:
+            self._capture_written.discard(key)
+            return None
         saved = self._captured.pop(key, None)
         if saved is not None:
             return saved
@@ -753,7 +770,9 @@ class StreamRunner:
         return self.slots[key].to_state(self.name)  # unchanged since: the live state is that state
 
     def end_capture(self) -> None:
-        assert not self._capture_pending and not self._captured, "models of the capture were not taken"
+        assert not self._capture_pending and not self._captured and not self._capture_written, \
+            "models of the capture were not taken"
+        self._capture_write = None
 
     def abandon_capture(self, keys: list[str]) -> None:
         """The checkpoint was not written: these models count as changed again."""
@@ -763,6 +782,8 @@ class StreamRunner:
                 slot.dirty = True
         self._capture_pending.clear()
         self._captured.clear()
+        self._capture_written.clear()
+        self._capture_write = None
 
     def take_events(self) -> list[DriftEvent]:
         events, self.events = self.events, []

@@ -207,6 +207,36 @@ def test_a_checkpoint_written_in_steps_resumes_exactly(tmp_path: Path) -> None:
     resumed.store.close()
 
 
+def test_a_model_about_to_learn_before_its_step_is_written_not_copied(tmp_path: Path) -> None:
+    """While a checkpoint is written in steps, a model that learns before its step is written
+    first, in the batch's transaction: no copy of it is held (with a thousand device models
+    those copies were the agent's peak memory), and the checkpoint still holds every model as
+    it was at its position (a restart from it lands on the same models as a run straight through)."""
+    cfg = config(tmp_path / "x.db", step_ms=1e-6)
+    messages = list(SensorSimulator(cfg.streams[0], devices=12, seed=5).messages(1500))
+    agent, transport, _ = make(tmp_path / "x.db", step_ms=1e-6)
+    early = 0
+    for i in range(0, len(messages), 16):
+        for m in messages[i:i + 16]:
+            transport.inject(m.topic, m.payload)
+        agent.step(timeout=0)  # one batch: at most one step of a checkpoint under way
+        runner = agent.runners["boiler"]
+        assert not runner._captured, "a model was copied instead of written"
+        if agent._pending is not None:
+            early = max(early, agent._pending.written_early)
+    assert early >= 4  # 12 models, 4 a step: the batch after a step touches models not yet written
+    spans = [r[0] for r in agent.store._conn.execute("SELECT slots_written FROM checkpoints WHERE reason = 'interval'")]
+    assert spans and set(spans) == {12}
+    live = {k: s.learner.net.params.copy() for k, s in agent.runners["boiler"].slots.items()}
+    position = agent.position
+    agent.store.close()  # a crash: the last complete interval checkpoint and a replay of the rows after it
+    resumed, _, _ = make(tmp_path / "x.db", step_ms=1e-6)
+    assert resumed.position == position
+    for key, params in live.items():
+        np.testing.assert_array_equal(params, resumed.runners["boiler"].slots[key].learner.net.params)
+    resumed.store.close()
+
+
 def test_replayed_predictions_are_marked(store_path: Path) -> None:
     agent, t, cfg = make(store_path)
     run_messages(agent, t, list(SensorSimulator(cfg.streams[0], seed=2).messages(300)))
