@@ -40,7 +40,8 @@ DUPLICATE_SEQ = 300  # an earlier reading's (boot, seq) again, with other values
 # the agent keeps up with, on the same schedule in the hostile and the clean run (handling time)
 FLOOD_SHARE = 0.8
 RATE = 500.0
-PACED_BLOCK = 2_000  # messages per block; blocks alternate between the hostile and the clean agent
+PACED_BLOCK = 2_000  # messages per block of the figures by block
+WARM_UP = 5_000  # good readings the clean agent learns before the timed part
 P99_FACTOR = 1.2
 HEAVY_COPIES = 3  # copies of the 200 KB and 1 MB payloads (each kind of the rest: ~220)
 DEVICES = 3
@@ -332,10 +333,9 @@ def test_hostile_input_at_volume(mosquitto, tmp_path: Path, report: FaultReport)
     payloads, reused sequence numbers, timestamps a day off, extra fields, a 10 MB payload;
     plus 300 good readings published late, out of sequence order): 0 crashes, dead letters =
     bad messages exactly, 0 bad readings reach the learner, every good reading (the late ones
-    included) learned once; the last 20,000 are published at 500/s in blocks
-    alternating with a clean agent that gets the same good readings on the same schedule,
-    and the p99 handling time of the good readings is compared with the clean agent's
-    (reported, not asserted: it varies with the machine's load far more than 1.2x)."""
+    included) learned once; the last 20,000 are published at 500/s, and at the same moments
+    their good readings to a clean agent: the good readings' p99 handling time (receipt to
+    prediction, in the agent) is at most 1.2x the clean agent's."""
     cfg = parse_config(agent_config(tmp_path / "x.db", mosquitto.port, "x", **_stream()))
     t_build = time.monotonic()
     stream, good, kinds = build_stream(cfg.streams[0], TOTAL)
@@ -351,16 +351,24 @@ def test_hostile_input_at_volume(mosquitto, tmp_path: Path, report: FaultReport)
         # volume: the first 80% as fast as the broker takes them
         hostile.publish(list(enumerate(stream[:n_flood])))
         caught_up = hostile.wait_handled(300)
-        # handling time: the last 20% at RATE, in blocks alternating between the hostile agent and a
-        # clean one that gets the same good readings on the same schedule (without the bad messages):
-        # one agent works at a time and both see the machine's background load of the same minutes
-        for b, lo in enumerate(range(n_flood, len(stream), PACED_BLOCK)):
-            part = [(i, stream[i]) for i in range(lo, min(lo + PACED_BLOCK, len(stream)))]
-            good_part = [(i, m) for i, m in part if m.kind == "reading"]
-            order = [(hostile, part), (clean, good_part)] if b % 2 == 0 else [(clean, good_part), (hostile, part)]
-            for run, items in order:
-                run.publish(items, block=b, rate=RATE)
-                run.wait_handled(60)
+        # the clean agent learns the flood's last good readings first: both are warm when timed
+        warm = [(i, m) for i, m in enumerate(stream[:n_flood]) if m.kind == "reading"][-WARM_UP:]
+        clean.publish(warm)
+        clean.wait_handled(120)
+        # handling time: the last 20% at RATE, to both agents at once: the hostile agent gets every
+        # message, a clean one gets the same good readings at the same moments (without the bad
+        # messages), so both see the machine's background load of the same seconds
+        t0 = time.perf_counter()
+        for i in range(n_flood, len(stream)):
+            delay = t0 + (i - n_flood) / RATE - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            m = stream[i]
+            block = (i - n_flood) // PACED_BLOCK
+            hostile.publish([(i, m)], block=block)
+            if m.kind == "reading":
+                clean.publish([(i, m)], block=block)
+        clean.wait_handled(60)
         caught_up = hostile.wait_handled(180) and caught_up
         hostile.finish()
         clean.finish()
@@ -370,8 +378,7 @@ def test_hostile_input_at_volume(mosquitto, tmp_path: Path, report: FaultReport)
     by_block_h, by_block_c = hostile.latencies(), clean.latencies()
     lat_h = np.concatenate(list(by_block_h.values())) if by_block_h else np.array([])
     lat_c = np.concatenate(list(by_block_c.values())) if by_block_c else np.array([])
-    # the machine's background load moves p99 by 2x and more from minute to minute here: compare
-    # the blocks that ran back to back, and let the median pair decide
+    # by block of 2,000 messages, for the report: how evenly the two agents fared over the minute
     block_ratios = [float(np.percentile(by_block_h[k], 99) / np.percentile(by_block_c[k], 99))
                     for k in sorted(set(by_block_h) & set(by_block_c)) if by_block_h[k].size and by_block_c[k].size]
     median_ratio = float(np.median(block_ratios)) if block_ratios else float("nan")
@@ -428,15 +435,14 @@ def test_hostile_input_at_volume(mosquitto, tmp_path: Path, report: FaultReport)
     report.expect("0 bad readings reach the learner", result.bad_stored == 0 and result.digest_ok,
                   f"{result.bad_stored} bad messages stored as readings (and learned); examples {result.examples.get('bad_stored')}")
     report.expect("every good reading learned once", result.lost == 0 and result.twice == 0, result.summary())
-    # a timing figure, reported and not asserted: on this shared 2-core machine the median block
-    # ratio measured 0.61 to 0.87 in most runs and 1.31 and 1.39 in two CI runs (single blocks
-    # from 0.0 to 144), so a pass/fail on it would test the machine's load, not the agent
-    report.figure("p99_within_factor", median_ratio <= P99_FACTOR)
-    report.note(f"good-message p99 handling time vs the clean run (median of block pairs): x{median_ratio:.2f} "
-                f"(goal <= {P99_FACTOR}; blocks {[round(r, 2) for r in block_ratios]}); pooled p99 "
-                f"{p99_h:.2f} ms hostile vs {p99_c:.2f} ms clean; reported, not asserted")
+    # both agents timed over the same seconds: the machine's background load, which moved p99 by 2x
+    # and more from minute to minute when the two took turns, falls on both alike
+    ratio = p99_h / p99_c if p99_c else float("inf")
+    report.expect(f"good-message p99 handling time within {P99_FACTOR}x of the clean agent's", ratio <= P99_FACTOR,
+                  f"p99 {p99_h:.3f} ms hostile vs {p99_c:.3f} ms clean: x{ratio:.2f} "
+                  f"({lat_h.size} and {lat_c.size} readings; by block {[round(r, 2) for r in block_ratios]})")
     report.expect("the 10 MB payload never reached the agent", "too_large" not in reasons or reasons["too_large"] <= sum(
         1 for k in kinds.values() if k in ("nesting_100k_deep", "just_under_1mib")), ten_mb)
     report.headline = (f"{len(dead_rows)}/{len(delivered)} bad dead-lettered, {result.bad_stored} bad learned; "
-                       f"p99 x{median_ratio:.2f} of clean (median of block pairs)")
+                       f"good readings' p99 x{ratio:.2f} of a clean agent's, timed side by side")
     report.verify()
