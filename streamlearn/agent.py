@@ -357,7 +357,7 @@ class Agent:
                  checkpoint: bool = True) -> None:
         runner = self.runners[reading.stream]
         try:
-            outgoing = runner.handle(row, reading, received_mono, self.clock.monotonic())
+            outgoing = runner.handle(row, reading, received_mono, self.clock.monotonic(), emit=self._publish)
         except StoreError:
             raise  # a model written early for a checkpoint was refused: the batch fails as a whole
         except Exception:  # a bug must not stop the gateway; the row is kept in the inbox
@@ -371,6 +371,9 @@ class Agent:
         self._since_checkpoint += 1
         if checkpoint:
             self.maybe_checkpoint()
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.transport.publish(topic, payload, qos=1)
 
     def _publish_dead_letter(self, d: DeadLetter) -> None:
         self.counters["dead_letters"] += 1

@@ -546,8 +546,13 @@ class StreamRunner:
     # -- the pipeline ------------------------------------------------------------------
 
     def handle(self, row: InboxRow, reading: Reading, received_mono: float | None,
-               now_mono: float) -> list[tuple[str, bytes]]:
-        """Process one inbox row; returns ``(topic, payload)`` pairs to publish."""
+               now_mono: float, emit: Callable[[str, bytes], Any] | None = None) -> list[tuple[str, bytes]]:
+        """Process one inbox row; returns ``(topic, payload)`` pairs to publish.
+
+        ``emit``: publishes the prediction as soon as it is made, before the model learns
+        from the reading (it is not in the list then): the sender waits for its answer, the
+        learning need not hold it up.
+        """
         out: list[tuple[str, bytes]] = []
         if reading.kind == "label":
             self._on_label(reading, row, out, received_mono is None)
@@ -574,8 +579,10 @@ class StreamRunner:
             prediction = slot.predict(x)
             queue.append((x, float(prediction), row.payload_hash))
             extra["horizon"] = self.horizon
+            self._send_prediction(row, reading, slot, prediction, received_mono, now_mono, extra, out, emit)
         else:
             prediction = slot.predict(x)
+            self._send_prediction(row, reading, slot, prediction, received_mono, now_mono, extra, out, emit)
             if self.source == "payload":
                 if reading.target is not None:
                     self._learn(slot, x, reading.target, prediction, row.payload_hash, row, out,
@@ -584,9 +591,17 @@ class StreamRunner:
                 assert reading.join_id is not None
                 self._add_pending(reading.join_id, slot.key, x, _jsonable(prediction),
                                   row.payload_hash, row.received_at)
-        out.append((self._prediction_topic(reading.device),
-                    self._prediction_payload(row, reading, slot, prediction, received_mono, now_mono, extra)))
         return out
+
+    def _send_prediction(self, row: InboxRow, reading: Reading, slot: Slot, prediction: Any,
+                         received_mono: float | None, now_mono: float, extra: dict[str, Any],
+                         out: list[tuple[str, bytes]], emit: Callable[[str, bytes], Any] | None) -> None:
+        message = (self._prediction_topic(reading.device),
+                   self._prediction_payload(row, reading, slot, prediction, received_mono, now_mono, extra))
+        if emit is None:
+            out.append(message)
+        else:
+            emit(*message)
 
     MAX_SEQUENCE_SCOPES = 100_000
 

@@ -237,6 +237,38 @@ def test_a_model_about_to_learn_before_its_step_is_written_not_copied(tmp_path: 
     resumed.store.close()
 
 
+def test_the_prediction_goes_out_before_the_model_learns_from_the_reading(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test-then-train: the sender's answer does not wait for the learning step. The
+    prediction is published before the learner steps, and names the model version that made it."""
+    agent, t, cfg = make(store_path)
+    order: list[str] = []
+    real_publish = t.publish
+
+    def publish(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        order.append("publish")
+        return real_publish(topic, payload, qos, retain)
+
+    monkeypatch.setattr(t, "publish", publish)
+    first, second = SensorSimulator(cfg.streams[0], devices=1, seed=3).messages(2)
+    run_messages(agent, t, [first])
+    slot = agent.runners["boiler"].slots["dev000"]
+    real_learn = slot.learner.learn_one
+
+    def learn_one(*args: Any, **kwargs: Any) -> Any:
+        order.append("learn")
+        return real_learn(*args, **kwargs)
+
+    monkeypatch.setattr(slot.learner, "learn_one", learn_one)
+    order.clear()
+    version = slot.learner.version
+    run_messages(agent, t, [second])
+    assert order[:2] == ["publish", "learn"]
+    body = orjson.loads(t.published[-1][1])
+    assert body["model_version"] == version and slot.learner.version == version + 1
+    agent.store.close()
+
+
 def test_replayed_predictions_are_marked(store_path: Path) -> None:
     agent, t, cfg = make(store_path)
     run_messages(agent, t, list(SensorSimulator(cfg.streams[0], seed=2).messages(300)))
@@ -255,11 +287,11 @@ def test_a_bug_in_one_message_does_not_stop_the_agent(store_path: Path, monkeypa
     real = runner.handle
     calls = {"n": 0}
 
-    def flaky(*args: Any) -> Any:
+    def flaky(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 3:
             raise ZeroDivisionError("a bug")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(runner, "handle", flaky)
     run_messages(agent, t, list(SensorSimulator(cfg.streams[0], seed=3).messages(10)))
