@@ -78,11 +78,16 @@ class Agent:
         self.position = 0
         self.counters = {"received": 0, "redeliveries": 0, "late": 0, "dead_letters": 0, "processed": 0,
                          "replayed": 0, "checkpoints": 0, "store_errors": 0, "internal_errors": 0,
-                         "reloads": 0}
+                         "reloads": 0, "commits": 0}
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
         self._pending: PendingCheckpoint | None = None  # a checkpoint being written in steps
         self._completed_in_batch = 0  # checkpoints the open batch transaction completes
+        # the commit group: messages staged and processed in the open transaction, acknowledged
+        # (and their dead letters published) once it commits
+        self._group: list[Message] = []
+        self._group_dead: list[DeadLetter] = []
+        self._group_deadline = 0.0
         self._last_health = 0.0
         self._recovered = False
         self._uncommitted = False  # the in-memory state has learned from rows not yet committed
@@ -167,6 +172,8 @@ class Agent:
                     break
         finally:
             try:
+                if self._group:
+                    self.commit_group()
                 if self._since_checkpoint or self._pending is not None:
                     self.checkpoint("shutdown")
             finally:
@@ -174,11 +181,25 @@ class Agent:
                 self.transport.stop()
 
     def step(self, timeout: float = 0.2) -> int:
-        """Take one batch from the transport and process it; returns messages taken."""
-        # with a checkpoint under way, take what is there and write the next step of it
-        batch = self.transport.receive(self.config.agent.batch_max, 0.0 if self._pending else timeout)
+        """Take one batch from the transport and process it; returns messages taken.
+
+        Batches join the open commit group until it is due (``commit_delay_ms`` after its
+        first message, ``batch_max`` messages, or nothing more arrived meanwhile): then one
+        COMMIT (and fsync) makes them all durable and they are acknowledged.
+        """
+        batch_max = self.config.agent.batch_max
+        if self._group:
+            wait, room = max(0.0, self._group_deadline - self.clock.monotonic()), batch_max - len(self._group)
+        else:
+            # with a checkpoint under way, take what is there and write the next step of it
+            wait, room = (0.0 if self._pending else timeout), batch_max
+        batch = self.transport.receive(max(1, room), wait)
         if batch:
-            self.ingest(batch)
+            self.ingest(batch, commit=False)
+            if self._group and (len(self._group) >= batch_max or self.clock.monotonic() >= self._group_deadline):
+                self.commit_group()
+        elif self._group:
+            self.commit_group()
         elif self._pending is not None:
             self._checkpoint_step_alone()
         self.maybe_checkpoint()
@@ -186,34 +207,75 @@ class Agent:
             self.publish_health()
         return len(batch)
 
-    def ingest(self, batch: list[Message]) -> None:
-        """Validate, stage, process, commit, then acknowledge one batch of messages.
+    def ingest(self, batch: list[Message], commit: bool = True) -> None:
+        """Validate, stage and process one batch of messages in the open commit group (opening
+        one); with ``commit``, commit the group and acknowledge what it holds.
 
-        On a store error nothing is acknowledged; the agent waits and tries the
-        same batch again (after rebuilding its state if it had processed rows).
+        On a store error nothing is acknowledged; the agent waits and tries the whole
+        group again (after rebuilding its state if it had processed rows).
         """
         self.counters["received"] += len(batch)
+        if not self._group:
+            self._group_deadline = self.clock.monotonic() + self.config.agent.commit_delay_ms / 1000.0
+            self._uncommitted = False
+            self._completed_in_batch = 0
+        self._group.extend(batch)
+        try:
+            self._group_dead += self._ingest_once(batch)
+            if self._pending is not None:  # one begun among this batch's rows
+                self._completed_in_batch += self._checkpoint_step()
+        except StoreError as exc:
+            self._retry_group(exc)
+            return
+        if commit or self.config.agent.commit_delay_ms <= 0:
+            self.commit_group()
+
+    def commit_group(self) -> None:
+        """Commit the open group, then acknowledge its messages and publish its dead letters."""
+        if not self._group:
+            return
+        try:
+            self.store.commit()
+        except StoreError as exc:
+            self._retry_group(exc)
+            return
+        self._after_commit()
+
+    def _retry_group(self, exc: StoreError) -> None:
+        """The store refused the open group: roll back, and try it again as one batch until the
+        store takes it (or the agent is stopped)."""
+        batch = self._group
         delay = 0.1
         while True:
+            self._store_failed(exc, len(batch))
+            if getattr(self.store, "in_batch", False):
+                self.store.rollback()
+            if self._uncommitted:  # learned from rows that are not stored: start again from the store
+                self._reload()
+            if self._stop.wait(delay):
+                self._group, self._group_dead = [], []
+                raise StoreError(f"stopped while the store refused writes: {exc}") from None
+            delay = min(delay * 2, 5.0)
             self._uncommitted = False
             self._completed_in_batch = 0
             try:
-                dead = self._ingest_once(batch)
-                if self._pending is not None:  # one begun among this batch's rows
+                self._group_dead = self._ingest_once(batch)
+                if self._pending is not None:
                     self._completed_in_batch += self._checkpoint_step()
                 self.store.commit()
-            except StoreError as exc:
-                self._store_failed(exc, len(batch))
-                if getattr(self.store, "in_batch", False):
-                    self.store.rollback()
-                if self._uncommitted:  # learned from rows that are not stored: start again from the store
-                    self._reload()
-                if self._stop.wait(delay):
-                    raise StoreError(f"stopped while the store refused writes: {exc}") from None
-                delay = min(delay * 2, 5.0)
+            except StoreError as again:
+                exc = again
                 continue
             break
+        self._after_commit()
+
+    def _after_commit(self) -> None:
+        batch, dead = self._group, self._group_dead
+        self._group, self._group_dead = [], []
+        self._uncommitted = False
+        self.counters["commits"] += 1
         self.counters["checkpoints"] += self._completed_in_batch
+        self._completed_in_batch = 0
         self._note_checkpoint_duration()  # of a checkpoint step that joined the batch
         if self.last_error is not None and self.last_error.startswith("store"):
             logger.info("the store accepts writes again")
@@ -227,7 +289,9 @@ class Agent:
         rows: list[InboxRow] = []
         readings: list[tuple[InboxRow, Reading, float]] = []
         dead: list[DeadLetter] = []
-        self.deduper.begin_batch()
+        opening = not getattr(self.store, "in_batch", False)
+        if opening:  # a new transaction: what earlier batches staged is committed (or rolled back)
+            self.deduper.begin_batch()
         new_devices: dict[str, set[str]] = {}
         batch_seq: dict[str, int] = {}
         for msg in batch:
@@ -247,7 +311,8 @@ class Agent:
                            key, phash, msg.payload)
             rows.append(row)
             readings.append((row, reading, msg.received_mono))
-        self.store.begin()
+        if opening:
+            self.store.begin()
         self.store.stage(rows, dead)
         self._uncommitted = True
         if self._pending is not None:

@@ -359,6 +359,9 @@ class StoreConfig(_Section):
 class AgentConfig(_Section):
     gateway: Name = "gateway"
     batch_max: int = Field(512, ge=1, le=65_535)
+    # messages arriving within this many ms of the first uncommitted one share its COMMIT (one
+    # fsync) and are acknowledged together; predictions do not wait for it. 0: commit each batch
+    commit_delay_ms: float = Field(5.0, ge=0.0, le=1000.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # under a backlog, a model with micro_batch_size or more readings in one batch learns
     # them micro_batch_size at a time (payload labels): each reading's prediction then

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from streamlearn.agent import Agent, open_store
+from streamlearn.clock import ManualClock
 from streamlearn.config import Config, parse_config
 from streamlearn.errors import StoreError
 from streamlearn.sim import SensorSimulator
@@ -132,6 +133,50 @@ def run_messages(agent: Agent, t: MemoryTransport, messages: list) -> None:
     drain(agent)
 
 
+def test_batches_within_the_commit_delay_share_one_commit_and_are_acknowledged_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three batches arriving within ``commit_delay_ms`` of the first: their predictions go out at
+    once, one COMMIT makes them durable, and only then are they acknowledged. A failed COMMIT
+    takes the whole group again, and nothing is learned twice."""
+    cfg = config(tmp_path / "g.db")
+    assert cfg.agent.commit_delay_ms == 5.0  # the shipped default
+    clock = ManualClock(start=10.0)
+    t = MemoryTransport()
+    store = FailingStore(open_store(cfg), failures=1)
+    agent = Agent(cfg, t, store, clock=clock)  # type: ignore[arg-type]
+    agent.recover()
+    t.start(agent.codec.subscriptions)
+    monkeypatch.setattr(agent._stop, "wait", lambda delay: False)  # no back-off sleep after the failure
+    messages = list(SensorSimulator(cfg.streams[0], seed=2).messages(9))
+    for i in range(3):
+        for m in messages[3 * i:3 * i + 3]:
+            t.inject(m.topic, m.payload)
+        assert agent.step(timeout=0) == 3
+        clock.advance(0.001)  # 1 ms apart: within the delay
+    predictions = [p for p in t.published if p[0].endswith("/prediction")]
+    assert len(predictions) == 9 and t.acked == []  # predicted and learned, not yet committed
+    assert agent.counters["commits"] == 0 and store.in_batch
+    clock.advance(0.005)
+    assert agent.step(timeout=0) == 0  # due: the commit fails once, the group is taken again, commits
+    assert sorted(t.acked) == list(range(1, 10)) and agent.counters["commits"] == 1
+    assert agent.counters["store_errors"] == 1 and agent.runners["boiler"].counters["learned_count"] == 9
+    rows = store._conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
+    assert rows == 9
+    # with commit_delay_ms = 0 every batch commits at once
+    cfg0 = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"commit_delay_ms": 0.0}),
+                                  "store": cfg.store.model_copy(update={"path": tmp_path / "g0.db"})})
+    t0 = MemoryTransport()
+    agent0 = Agent(cfg0, t0, open_store(cfg0), clock=ManualClock())
+    agent0.recover()
+    t0.start(agent0.codec.subscriptions)
+    for m in messages[:3]:
+        t0.inject(m.topic, m.payload)
+    agent0.step(timeout=0)
+    assert sorted(t0.acked) == [1, 2, 3] and agent0.counters["commits"] == 1
+    store.close()
+    agent0.store.close()
+
+
 @pytest.mark.parametrize("source", ["payload", "forecast", "topic"])
 def test_a_crash_and_replay_land_on_the_same_model(tmp_path: Path, source: str) -> None:
     """Learn 2,000 readings straight through, and again with a crash after 1,170:
@@ -224,6 +269,7 @@ def test_a_model_about_to_learn_before_its_step_is_written_not_copied(tmp_path: 
         assert not runner._captured, "a model was copied instead of written"
         if agent._pending is not None:
             early = max(early, agent._pending.written_early)
+    agent.commit_group()
     assert early >= 4  # 12 models, 4 a step: the batch after a step touches models not yet written
     spans = [r[0] for r in agent.store._conn.execute("SELECT slots_written FROM checkpoints WHERE reason = 'interval'")]
     assert spans and set(spans) == {12}

@@ -145,6 +145,7 @@ def _drain(agent: Any, n: int) -> None:
     while agent.counters["processed"] < target and steps < n + 10:
         agent.step(timeout=0.0)
         steps += 1
+    agent.commit_group()
 
 
 def _warm(agent: Any, transport: Any, devices: int, n: int = 500) -> None:
