@@ -78,10 +78,12 @@ class Agent:
         self.position = 0
         self.counters = {"received": 0, "redeliveries": 0, "late": 0, "dead_letters": 0, "processed": 0,
                          "replayed": 0, "checkpoints": 0, "store_errors": 0, "internal_errors": 0,
-                         "reloads": 0, "commits": 0}
+                         "reloads": 0, "commits": 0, "checkpoints_stretched": 0}
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
         self._pending: PendingCheckpoint | None = None  # a checkpoint being written in steps
+        self._checkpoint_cost_s = 0.0  # time the last complete checkpoint took to write
+        self._stretching = False  # the checkpoint due now waits for checkpoint_max_share
         self._completed_in_batch = 0  # checkpoints the open batch transaction completes
         # the commit group: messages staged and processed in the open transaction, acknowledged
         # (and their dead letters published) once it commits
@@ -462,10 +464,17 @@ class Agent:
         if self._since_checkpoint == 0 or self._pending is not None:
             return
         cfg = self.config.store
-        due = self._since_checkpoint >= cfg.checkpoint_every_messages or (
-            self.clock.monotonic() - self._last_checkpoint >= cfg.checkpoint_every_seconds
-        )
+        since = self.clock.monotonic() - self._last_checkpoint
+        due = self._since_checkpoint >= cfg.checkpoint_every_messages or since >= cfg.checkpoint_every_seconds
+        if due and since < self._checkpoint_cost_s / cfg.checkpoint_max_share:
+            # writing the last one took long (many changed models): wait, so that checkpoints
+            # take at most checkpoint_max_share of the agent's time; a restart may replay more
+            if not self._stretching:
+                self._stretching = True
+                self.counters["checkpoints_stretched"] += 1
+            return
         if due:
+            self._stretching = False
             try:
                 self._begin_checkpoint("interval")
             except StoreError as exc:
@@ -494,6 +503,7 @@ class Agent:
         if not pending.step(self.store, budget):
             return False
         self._pending = None
+        self._checkpoint_cost_s = pending.work_s
         return True
 
     def _checkpoint_step_alone(self, budget_s: float | None = None) -> bool:
@@ -575,6 +585,7 @@ class Agent:
             "last_checkpoint_ms": self.last_checkpoint_ms,
             "max_checkpoint_ms": self.max_checkpoint_ms,
             "checkpoint_models_left": None if self._pending is None else self._pending.remaining,
+            "checkpoint_write_ms": round(self._checkpoint_cost_s * 1000.0, 3),
             "transport": transport,
             "streams": {name: {"models": len(r.slots), **r.counters} for name, r in self.runners.items()},
         }

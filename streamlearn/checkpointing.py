@@ -74,6 +74,7 @@ class PendingCheckpoint:
         self.slots_written = 0
         self.bytes_written = 0
         self.written_early = 0
+        self.work_s = 0.0  # time spent writing it (steps and early writes): its cost to the agent
 
     def _write_early(self, saved: SlotState) -> bool:
         """A model about to learn before its step: write it now, in the open transaction (a
@@ -81,9 +82,11 @@ class PendingCheckpoint:
         store = self.store
         if store is None or not store.in_batch:
             return False
-        self.bytes_written += store.write_models(self.id, [saved], started=time.perf_counter())
+        started = time.perf_counter()
+        self.bytes_written += store.write_models(self.id, [saved], started=started)
         self.slots_written += 1
         self.written_early += 1
+        self.work_s += time.perf_counter() - started
         return True
 
     @property
@@ -111,12 +114,14 @@ class PendingCheckpoint:
             if wrote >= MIN_MODELS_PER_STEP and time.perf_counter() >= deadline:
                 break
         if self._todo:
+            self.work_s += time.perf_counter() - started
             return False  # the rest next time
         store.finish_checkpoint(self.id, self.position, self.streams, self.metrics, self.reason, self.events,
                                 slots_written=self.slots_written, bytes_written=self.bytes_written,
                                 started=started)
         for runner in self.runners.values():
             runner.end_capture()
+        self.work_s += time.perf_counter() - started
         return True
 
     def abandon(self) -> None:

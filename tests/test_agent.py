@@ -315,6 +315,29 @@ def test_the_prediction_goes_out_before_the_model_learns_from_the_reading(
     agent.store.close()
 
 
+def test_checkpoints_that_take_long_to_write_are_spaced_out(tmp_path: Path) -> None:
+    """A checkpoint begins at most once per (its predecessor's write time / checkpoint_max_share):
+    with a thousand changed models a flood would otherwise spend much of its time writing them.
+    The agent counts each stretched interval."""
+    cfg = config(tmp_path / "s.db")
+    clock = ManualClock(start=5.0)
+    t = MemoryTransport()
+    agent = Agent(cfg, t, open_store(cfg), clock=clock)
+    agent.recover()
+    t.start(agent.codec.subscriptions)
+    messages = list(SensorSimulator(cfg.streams[0], seed=4).messages(1200))
+    run_messages(agent, t, messages[:300])  # checkpoint_every_messages = 250: one complete
+    assert agent.counters["checkpoints"] == 1 and agent._checkpoint_cost_s > 0
+    agent._checkpoint_cost_s = 1.0  # as if writing it had taken a second (share 0.1: 10 s apart)
+    run_messages(agent, t, messages[300:900])
+    assert agent.counters["checkpoints"] == 1 and agent.counters["checkpoints_stretched"] == 1
+    assert agent.status()["checkpoint_write_ms"] == 1000.0
+    clock.advance(10.0)
+    run_messages(agent, t, messages[900:910])
+    assert agent.counters["checkpoints"] == 2 and agent.counters["checkpoints_stretched"] == 1
+    agent.store.close()
+
+
 def test_replayed_predictions_are_marked(store_path: Path) -> None:
     agent, t, cfg = make(store_path)
     run_messages(agent, t, list(SensorSimulator(cfg.streams[0], seed=2).messages(300)))
