@@ -204,7 +204,10 @@ class Agent:
             self.commit_group()
         elif self._pending is not None:
             self._checkpoint_step_alone()
-        self.maybe_checkpoint()
+        try:
+            self.maybe_checkpoint()
+        except StoreError as exc:  # only raised inside the open group's transaction: take it again
+            self._retry_group(exc)
         if self.clock.monotonic() - self._last_health >= HEALTH_EVERY_SECONDS:
             self.publish_health()
         return len(batch)
