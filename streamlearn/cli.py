@@ -231,6 +231,9 @@ def status(config_path: str | None, store: str | None, fmt: str) -> None:
             line = f"agent health: {health.get('state')} ({age:.0f} s ago, pid {health.get('pid')})"
             if health.get("last_error"):
                 line += f"; last error: {health['last_error']}"
+            if health.get("checkpoints_stretched"):
+                line += (f"; checkpoint interval stretched {health['checkpoints_stretched']} times (writing one "
+                         f"took {health.get('checkpoint_write_ms')} ms; store.checkpoint_max_share)")
             click.echo(line)
 
 

@@ -69,6 +69,18 @@ def filled_store(tmp_path: Path) -> Path:
     return store
 
 
+def test_status_reports_the_agent_health_and_stretched_checkpoints(filled_store: Path) -> None:
+    health_file = filled_store.with_name(filled_store.name + ".health.json")
+    health = json.loads(health_file.read_text())
+    assert health["commits"] >= 1 and health["checkpoints_stretched"] == 0
+    out = CliRunner().invoke(main, ["status", "--store", str(filled_store)]).output
+    assert "agent health: ok" in out and "stretched" not in out
+    health.update(checkpoints_stretched=3, checkpoint_write_ms=212.5)
+    health_file.write_text(json.dumps(health))
+    out = CliRunner().invoke(main, ["status", "--store", str(filled_store)]).output
+    assert "checkpoint interval stretched 3 times (writing one took 212.5 ms" in out
+
+
 def test_status_in_three_formats(filled_store: Path) -> None:
     runner = CliRunner()
     table = runner.invoke(main, ["status", "--store", str(filled_store)])
