@@ -227,8 +227,6 @@ class Agent:
         self._group.extend(batch)
         try:
             self._group_dead += self._ingest_once(batch)
-            if self._pending is not None:  # one begun among this batch's rows
-                self._completed_in_batch += self._checkpoint_step()
         except StoreError as exc:
             self._retry_group(exc)
             return
@@ -265,8 +263,6 @@ class Agent:
             self._completed_in_batch = 0
             try:
                 self._group_dead = self._ingest_once(batch)
-                if self._pending is not None:
-                    self._completed_in_batch += self._checkpoint_step()
                 self.store.commit()
             except StoreError as again:
                 exc = again
@@ -291,6 +287,8 @@ class Agent:
             self._publish_dead_letter(d)
 
     def _ingest_once(self, batch: list[Message]) -> list[DeadLetter]:
+        """Validate, stage and process ``batch`` in the open transaction (beginning one), with a
+        step of the checkpoint under way before and after its rows; returns its dead letters."""
         rows: list[InboxRow] = []
         readings: list[tuple[InboxRow, Reading, float]] = []
         dead: list[DeadLetter] = []
@@ -330,6 +328,8 @@ class Agent:
         else:
             for row, reading, received_mono in readings:
                 self._process(row, reading, received_mono)
+        if self._pending is not None:  # one begun among this batch's rows
+            self._completed_in_batch += self._checkpoint_step()
         return dead
 
     def _process_batched(self, readings: list[tuple[InboxRow, Reading, float]]) -> None:
