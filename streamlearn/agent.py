@@ -140,8 +140,12 @@ class Agent:
                     logger.warning("inbox row %d no longer decodes (%s); skipped", row.seq, exc)
                     self.position = row.seq
                     continue
-                self._process(row, reading, None)
+                # no checkpoint begins mid-replay: a micro-batch may still be gathering
+                self._process(row, reading, None, checkpoint=False)
             replayed += len(rows)
+        for runner in self.runners.values():
+            for topic, payload in runner.finish_replay(self.clock.monotonic()):
+                self.transport.publish(topic, payload, qos=1)
         self.counters["replayed"] += replayed
         if replayed:
             logger.info("replayed %d inbox rows after the checkpoint", replayed)
@@ -323,7 +327,7 @@ class Agent:
             # before these rows come due for the next one, and that one begins at its own row
             self._completed_in_batch += self._checkpoint_step()
         agent_cfg = self.config.agent
-        if agent_cfg.micro_batch and len(readings) >= agent_cfg.micro_batch_size:
+        if agent_cfg.micro_batch and len(readings) >= agent_cfg.micro_batch_backlog:
             self._process_batched(readings)
         else:
             for row, reading, received_mono in readings:
@@ -357,6 +361,9 @@ class Agent:
                     self.counters["internal_errors"] += 1
                     logger.exception("internal error processing %d rows of stream %s; skipped", len(items), name)
                     outgoing = []
+                groups = self.runners[name].take_micro_batches()
+                if groups:
+                    self.store.mark_micro_batches(groups)
                 for topic, payload in outgoing:
                     self.transport.publish(topic, payload, qos=1)
                 self.counters["processed"] += len(items)
@@ -427,7 +434,10 @@ class Agent:
                  checkpoint: bool = True) -> None:
         runner = self.runners[reading.stream]
         try:
-            outgoing = runner.handle(row, reading, received_mono, self.clock.monotonic(), emit=self._publish)
+            if received_mono is None:  # a replay: micro-batches are learned as they were live
+                outgoing = runner.replay(row, reading, self.clock.monotonic(), emit=self._publish)
+            else:
+                outgoing = runner.handle(row, reading, received_mono, self.clock.monotonic(), emit=self._publish)
         except StoreError:
             raise  # a model written early for a checkpoint was refused: the batch fails as a whole
         except Exception:  # a bug must not stop the gateway; the row is kept in the inbox

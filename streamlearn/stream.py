@@ -516,6 +516,10 @@ class StreamRunner:
         self._captured: dict[str, SlotState] = {}
         self._capture_written: set[str] = set()
         self._capture_write: Callable[[SlotState], bool] | None = None
+        # micro-batches learned since the agent last took them (seqs of their rows), to be
+        # recorded with the rows; and, in a replay, the recorded ones still being gathered
+        self.micro_batches: list[list[int]] = []
+        self._replay_groups: dict[str, tuple[int, Slot, list[tuple[InboxRow, Reading, float | None, np.ndarray]]]] = {}
 
     # -- slots --------------------------------------------------------------------
 
@@ -622,7 +626,8 @@ class StreamRunner:
     def _record_events(self, slot: Slot, events: list[tuple[Any, ...]], row: InboxRow,
                        out: list[tuple[str, bytes]], replay: bool) -> None:
         for detector, statistic, action, lr_before, lr_after, loss_before in events:
-            event = DriftEvent(row.received_at, self.name, slot.key, slot.learner.version, detector,
+            # step: readings the model has learned (a micro-batch is one update of several)
+            event = DriftEvent(row.received_at, self.name, slot.key, slot.learner.n_learned, detector,
                                statistic, action, lr_before, lr_after, loss_before)
             self.events.append(event)
             body = {
@@ -670,6 +675,8 @@ class StreamRunner:
 
     def _micro_batch(self, slot: Slot, entries: list[tuple[InboxRow, Reading, float | None, np.ndarray]],
                      now_mono: float, out: list[tuple[str, bytes]]) -> None:
+        if entries[0][2] is not None:  # live: the rows record it, so that a replay does the same
+            self.micro_batches.append([e[0].seq for e in entries])
         X = np.stack([e[3] for e in entries])
         predictions = slot.predict_many(X)
         extra = {"micro_batch": len(entries)}
@@ -687,6 +694,49 @@ class StreamRunner:
                                                + entries[i][0].payload_hash) % _DIGEST_MOD
         last = entries[labelled[-1]]
         self._record_events(slot, events, last[0], out, last[2] is None)
+
+    def take_micro_batches(self) -> list[list[int]]:
+        """The micro-batches learned since the last call, as lists of inbox seqs."""
+        groups, self.micro_batches = self.micro_batches, []
+        return groups
+
+    def replay(self, row: InboxRow, reading: Reading, now_mono: float,
+               emit: Callable[[str, bytes], Any] | None = None) -> list[tuple[str, bytes]]:
+        """Process a replayed inbox row as it was processed live: on its own (``handle``), or,
+        when it was learned in a micro-batch (``row.micro_batch``), gathered until that
+        micro-batch is complete and then learned as one again, from the same model.
+
+        A model's micro-batch is complete when its next row belongs elsewhere; call
+        :meth:`finish_replay` after the last row.
+        """
+        out: list[tuple[str, bytes]] = []
+        key = self.slot_key(reading.device)
+        gathering = self._replay_groups.get(key)
+        if gathering is not None and (reading.kind != "reading" or gathering[0] != row.micro_batch):
+            self._learn_replayed(key, now_mono, out)
+        if row.micro_batch is None or reading.kind != "reading" or not self.batchable:
+            return out + self.handle(row, reading, None, now_mono, emit=emit)
+        # as handle_many: sequence, model and features now, in row order; the learning once complete
+        if reading.sequence_scope is not None:
+            self._saw_sequence(reading.sequence_scope, reading.sequence or 0)
+        slot = self._slot(reading.device)
+        slot.metrics.messages += 1
+        x = slot.features_for(reading.device, reading.features)
+        if gathering is None or gathering[0] != row.micro_batch:
+            gathering = self._replay_groups[key] = (row.micro_batch, slot, [])
+        gathering[2].append((row, reading, None, x))
+        return out
+
+    def finish_replay(self, now_mono: float) -> list[tuple[str, bytes]]:
+        """Learn the micro-batches still being gathered at the end of a replay."""
+        out: list[tuple[str, bytes]] = []
+        for key in list(self._replay_groups):
+            self._learn_replayed(key, now_mono, out)
+        return out
+
+    def _learn_replayed(self, key: str, now_mono: float, out: list[tuple[str, bytes]]) -> None:
+        _, slot, entries = self._replay_groups.pop(key)
+        self._micro_batch(slot, entries, now_mono, out)
 
     def _add_pending(self, join_id: str, key: str, x: np.ndarray, pred: Any, phash: int, at: float) -> None:
         if join_id in self.pending:  # a later reading with the same id replaces the older

@@ -8,7 +8,11 @@ from typing import Any
 
 @dataclass(slots=True)
 class InboxRow:
-    """One accepted message. ``seq`` is its position, set when it is stored."""
+    """One accepted message. ``seq`` is its position, set when it is stored.
+
+    ``micro_batch``: the ``seq`` of the first row of the micro-batch it was learned in
+    under a backlog (None: learned on its own), so that a replay learns it the same way.
+    """
 
     received_at: float
     topic: str
@@ -19,6 +23,7 @@ class InboxRow:
     payload_hash: int
     payload: bytes
     seq: int = 0
+    micro_batch: int | None = None
 
 
 @dataclass(slots=True)

@@ -169,3 +169,12 @@ def m004_model_versions(db: Database) -> None:
         )
         """
     )
+
+
+@migrations()
+def m005_inbox_micro_batch(db: Database) -> None:
+    # Under a backlog a model learns its readings in micro-batches; which rows shared one
+    # depends on how the messages happened to arrive. Each such row names its micro-batch
+    # (the seq of its first row) so that a replay after a restart learns them the same way
+    # and lands on the state the agent had (NULL: learned on its own).
+    db.execute("ALTER TABLE inbox ADD COLUMN micro_batch INTEGER")

@@ -288,6 +288,16 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: write failed: {exc}") from None
 
+    def mark_micro_batches(self, groups: list[list[int]]) -> None:
+        """Record, in the open batch, which staged rows were learned together: each group's
+        rows (seqs, first first) get the seq of its first row."""
+        assert self._in_batch, "mark_micro_batches() needs begin()"
+        try:
+            self._conn.executemany("UPDATE inbox SET micro_batch = ? WHERE seq = ?",
+                                   [(group[0], seq) for group in groups for seq in group])
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: write failed: {exc}") from None
+
     def commit(self) -> None:
         """Make the batch durable; on failure everything staged is gone and StoreError is raised."""
         assert self._in_batch, "commit() needs begin()"
@@ -339,12 +349,13 @@ class SQLiteStore:
     def inbox_after(self, position: int, limit: int) -> list[InboxRow]:
         """Up to ``limit`` inbox rows after ``position``, in order."""
         cur = self._conn.execute(
-            "SELECT seq, received_at, topic, stream, kind, device, msg_key, payload_hash, payload"
+            "SELECT seq, received_at, topic, stream, kind, device, msg_key, payload_hash, payload, micro_batch"
             " FROM inbox WHERE seq > ? ORDER BY seq LIMIT ?",
             (position, limit),
         )
         return [
-            InboxRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]), seq=r[0]) for r in cur
+            InboxRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]), seq=r[0], micro_batch=r[9])
+            for r in cur
         ]
 
     def last_seq(self) -> int:

@@ -98,6 +98,10 @@ def _run(tmp: Path, name: str, readings, faults: list[tuple[str, Any]]) -> tuple
     db = tmp / "s.db"
     data = agent_config(db, mosquitto.port, f"equiv-{name}", **_stream())
     data["store"]["checkpoint_every_messages"] = 300
+    # two runs compared with each other: strict test-then-train, since which readings share a
+    # micro-batch depends on how each run's messages arrived (a restart replays its own run's
+    # micro-batches exactly: tests/test_agent.py::test_micro_batches_are_recorded_so_a_restart_replays_them_exactly)
+    data["agent"]["micro_batch"] = False
     agent = Agent(write_config(tmp / "agent.toml", data), tmp / "agent.log")
     watch = Watch(mosquitto.port, f"equiv-watch-{name}")
     sensors = Sensors(mosquitto.port, f"equiv-sensors-{name}", window=200)
