@@ -367,14 +367,15 @@ class AgentConfig(_Section):
     commit_delay_ms: float = Field(5.0, ge=0.0, le=1000.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # under a backlog (micro_batch_backlog or more readings taken at once: the agent is that
-    # far behind), a model learns micro_batch_size readings per step (payload labels): each
+    # far behind; at 1,000 msg/s, 256 is a quarter of a second), a model learns
+    # micro_batch_size readings per step (payload labels): each
     # reading's prediction then comes from the model before its micro-batch, not after every
     # earlier reading. ~2.5x less work per reading; 2-9% more error on the benchmark streams
     # while it lasts (README). The rows record it, so a restart replays it exactly. false:
     # strict test-then-train always
     micro_batch: bool = True
     micro_batch_size: int = Field(8, ge=2, le=512)
-    micro_batch_backlog: int = Field(64, ge=2, le=65_535)
+    micro_batch_backlog: int = Field(256, ge=2, le=65_535)
 
 
 class Config(_Section):

@@ -645,10 +645,10 @@ class StreamRunner:
         return self.source == "payload"
 
     def handle_many(self, items: list[tuple[InboxRow, Reading, float | None]], now_mono: float,
-                    size: int) -> list[tuple[str, bytes]]:
+                    size: int, emit: Callable[[str, bytes], Any] | None = None) -> list[tuple[str, bytes]]:
         """Process a run of readings; a model with ``size`` or more of them learns them ``size``
         at a time (each prediction comes from the model before its micro-batch); the rest
-        one by one."""
+        one by one. ``emit``: as in ``handle``, each prediction goes out as soon as it is made."""
         assert self.batchable
         out: list[tuple[str, bytes]] = []
         groups: dict[str, list[tuple[InboxRow, Reading, float | None, np.ndarray]]] = {}
@@ -663,26 +663,25 @@ class StreamRunner:
             slot = self.slots[key]
             full = len(entries) - len(entries) % size
             for start in range(0, full, size):
-                self._micro_batch(slot, entries[start:start + size], now_mono, out)
+                self._micro_batch(slot, entries[start:start + size], now_mono, out, emit)
             for row, reading, received_mono, x in entries[full:]:
                 prediction = slot.predict(x)
+                self._send_prediction(row, reading, slot, prediction, received_mono, now_mono, {}, out, emit)
                 if reading.target is not None:
                     self._learn(slot, x, reading.target, prediction, row.payload_hash, row, out,
                                 received_mono is None)
-                out.append((self._prediction_topic(reading.device), self._prediction_payload(
-                    row, reading, slot, prediction, received_mono, now_mono, {})))
         return out
 
     def _micro_batch(self, slot: Slot, entries: list[tuple[InboxRow, Reading, float | None, np.ndarray]],
-                     now_mono: float, out: list[tuple[str, bytes]]) -> None:
+                     now_mono: float, out: list[tuple[str, bytes]],
+                     emit: Callable[[str, bytes], Any] | None = None) -> None:
         if entries[0][2] is not None:  # live: the rows record it, so that a replay does the same
             self.micro_batches.append([e[0].seq for e in entries])
         X = np.stack([e[3] for e in entries])
         predictions = slot.predict_many(X)
         extra = {"micro_batch": len(entries)}
         for (row, reading, received_mono, _), prediction in zip(entries, predictions):
-            out.append((self._prediction_topic(reading.device), self._prediction_payload(
-                row, reading, slot, prediction, received_mono, now_mono, extra)))
+            self._send_prediction(row, reading, slot, prediction, received_mono, now_mono, extra, out, emit)
         labelled = [i for i, e in enumerate(entries) if e[1].target is not None]
         if not labelled:
             return

@@ -225,7 +225,8 @@ class AgentConsumer(Consumer):
         conn = sqlite3.connect(f"file:{self.store}?mode=ro", uri=True)
         try:
             learned = conn.execute(
-                "SELECT messages, labelled, learned, skipped FROM metrics WHERE stream = ? ORDER BY id DESC LIMIT 1",
+                "SELECT messages, labelled, learned, skipped, batched FROM metrics WHERE stream = ?"
+                " ORDER BY id DESC LIMIT 1",
                 (STREAM,)).fetchone()
             last_seq = conn.execute("SELECT max(seq) FROM inbox").fetchone()[0] or 0
             cps = conn.execute("SELECT position, duration_ms, slots_written, bytes_written, reason"
@@ -240,6 +241,7 @@ class AgentConsumer(Consumer):
             "messages": learned[0] if learned else 0,
             "learned": learned[2] if learned else 0,
             "skipped": learned[3] if learned else 0,
+            "micro_batched": learned[4] if learned else 0,  # learned in micro-batches under the backlog
             "inbox_last_seq": last_seq,
             "checkpoint_position": cps[-1][0] if cps else 0,
             "models": models,
@@ -534,6 +536,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     s["throughput_ratio"] = round(median(pairs), 3) if pairs else None
     s["agent_all_learned_and_committed"] = bool(agent_runs) and all(
         r.get("complete") and r.get("all_learned") and r.get("all_committed") for r in agent_runs)
+    # the agent's metrics say how much of the flood it learned in micro-batches (a backlog)
+    shares = [r["store"]["micro_batched"] / max(1, r["store"]["learned"]) for r in agent_runs
+              if r.get("store") and r["store"].get("micro_batched") is not None]
+    s["agent_micro_batched_share"] = round(median(shares), 3) if shares else None
     s["agent_cpu_us_per_msg"] = _med(agent_runs, "cpu_us_per_msg")
     s["echo_cpu_us_per_msg"] = _med(echo_runs, "cpu_us_per_msg")
     # throughput per core of consumer CPU: what the ratio tends to when both are CPU-bound; less noisy
@@ -616,7 +622,8 @@ def targets(summary: dict[str, Any], learner: dict[str, Any] | None = None) -> l
         ratio, None if ratio is None else ratio >= t["throughput_ratio_min"] and summary.get(
             "agent_all_learned_and_committed", False),
         f"agent {fmt(summary.get('agent_msgs_per_s'))} / echo {fmt(summary.get('echo_msgs_per_s'))} msg/s; "
-        f"per CPU-second {fmt(summary.get('cpu_ratio_echo_over_agent'))}")
+        f"per CPU-second {fmt(summary.get('cpu_ratio_echo_over_agent'))}; share learned in micro-batches "
+        f"{fmt(summary.get('agent_micro_batched_share'))}")
     if learner:
         r = learner.get("summary", {}).get("strict_ratio_sgd")
         match = learner.get("summary", {}).get("sgd_predictions_match_1e5")
