@@ -102,3 +102,24 @@ def test_drift_monitor_waits_out_grace_and_cooldown() -> None:
             signals.append(t)
     assert all(t >= 200 for t in signals)
     assert all(b - a >= 500 for a, b in zip(signals, signals[1:]))
+
+
+def test_the_default_detectors_load_without_river_drifts_heavy_init() -> None:
+    """Building the default detectors must not import scipy.stats (KSWIN's, via river.drift's
+    package init: seconds on a slow gateway, on every start); river.drift still works in full."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from streamlearn.monitors import RiverDetector\n"
+        "detectors = [RiverDetector('page_hinkley'), RiverDetector('hddm_a'), RiverDetector('adwin')]\n"
+        "assert 'scipy.stats' not in sys.modules, 'scipy.stats imported'\n"
+        "from river.drift import KSWIN, ADWIN\n"
+        "from river import forest\n"
+        "assert 'scipy.stats' in sys.modules and KSWIN.__name__ == 'KSWIN'\n"
+        "k = RiverDetector('kswin')\n"
+        "assert any(k.update(float(i > 300) * 3) for i in range(600))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
