@@ -327,7 +327,9 @@ class Agent:
             # before these rows come due for the next one, and that one begins at its own row
             self._completed_in_batch += self._checkpoint_step()
         agent_cfg = self.config.agent
-        if agent_cfg.micro_batch and len(readings) >= agent_cfg.micro_batch_backlog:
+        # behind by micro_batch_backlog messages, good or bad: counting only the good readings,
+        # an agent fed bad messages too crossed the threshold later than a clean one as far behind
+        if agent_cfg.micro_batch and len(batch) >= agent_cfg.micro_batch_backlog:
             self._process_batched(readings)
         else:
             for row, reading, received_mono in readings:

@@ -366,7 +366,7 @@ class AgentConfig(_Section):
     # fsync) and are acknowledged together; predictions do not wait for it. 0: commit each batch
     commit_delay_ms: float = Field(5.0, ge=0.0, le=1000.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # under a backlog (micro_batch_backlog or more readings taken at once: the agent is that
+    # under a backlog (micro_batch_backlog or more messages taken at once: the agent is that
     # far behind; at 1,000 msg/s, 256 is a quarter of a second), a model learns
     # micro_batch_size readings per step (payload labels): each
     # reading's prediction then comes from the model before its micro-batch, not after every
