@@ -371,9 +371,9 @@ class AgentConfig(_Section):
     # micro_batch_size readings per step (payload labels): each
     # reading's prediction then comes from the model before its micro-batch, not after every
     # earlier reading. ~2.5x less work per reading; 2-9% more error on the benchmark streams
-    # while it lasts (README). The rows record it, so a restart replays it exactly. Off by
-    # default: near saturation it made tail latency less predictable (README, Known shortfalls)
-    micro_batch: bool = False
+    # while it lasts (README). The rows record it, so a restart replays it exactly. false:
+    # strict test-then-train always
+    micro_batch: bool = True
     micro_batch_size: int = Field(8, ge=2, le=512)
     micro_batch_backlog: int = Field(256, ge=2, le=65_535)
 
