@@ -344,7 +344,10 @@ class Agent:
         every = self.config.store.checkpoint_every_messages
         i = 0
         while i < len(readings):
-            run = readings[i:i + max(1, every - self._since_checkpoint)]
+            room = every - self._since_checkpoint
+            # none can begin at the boundary (one under way, or spaced out after a long one): a
+            # whole interval, not runs of one reading each
+            run = readings[i:i + (room if room > 0 else every)]
             i += len(run)
             by_stream: dict[str, list[tuple[InboxRow, Reading, float | None]]] = {}
             for item in run:
@@ -372,6 +375,11 @@ class Agent:
                 self._since_checkpoint += len(items)
             self.position = run[-1][0].seq
             self.maybe_checkpoint()
+            if self._pending is not None:
+                # a step now, as the row-by-row path takes one at the end of its batch: with a few
+                # models the checkpoint completes here, and a crash before the next one replays at
+                # most checkpoint_every_messages readings, not the rest of a large batch as well
+                self._completed_in_batch += self._checkpoint_step()
 
     def _is_new(self, msg: Message, reading: Reading, key: str | None, phash: int,
                 batch_seq: dict[str, int]) -> bool:
@@ -453,6 +461,10 @@ class Agent:
         self._since_checkpoint += 1
         if checkpoint:
             self.maybe_checkpoint()
+            if self._pending is not None and self._since_checkpoint >= self.config.store.checkpoint_every_messages:
+                # a batch larger than the interval: the one under way must complete before the
+                # rows past the next boundary are committed with it (at most N replayed)
+                self._completed_in_batch += self._checkpoint_step()
 
     def _publish(self, topic: str, payload: bytes) -> None:
         self.transport.publish(topic, payload, qos=1)

@@ -18,7 +18,8 @@ from streamlearn.store import SQLiteStore
 from streamlearn.transport.memory import MemoryTransport
 
 
-def config(store: Path, micro_batch: bool = False, step_ms: float = 2.0, **stream: Any) -> Config:
+def config(store: Path, micro_batch: bool = False, step_ms: float = 2.0, batch_max: int = 64,
+           **stream: Any) -> Config:
     """Strict test-then-train unless ``micro_batch``: bit-exact replay needs it (micro-batches
     depend on how messages happened to arrive)."""
     s = {
@@ -29,7 +30,7 @@ def config(store: Path, micro_batch: bool = False, step_ms: float = 2.0, **strea
     s.update(stream)
     return parse_config({"store": {"path": str(store), "checkpoint_every_messages": 250,
                                    "checkpoint_step_ms": step_ms},
-                         "agent": {"batch_max": 64, "micro_batch": micro_batch, "micro_batch_backlog": 8},
+                         "agent": {"batch_max": batch_max, "micro_batch": micro_batch, "micro_batch_backlog": 8},
                          "streams": [s]})
 
 
@@ -410,6 +411,31 @@ def test_under_a_backlog_models_learn_in_micro_batches_and_say_so(tmp_path: Path
     assert row["error"] < 0.5 * row["baseline_error"]
     strict.store.close()
     batched.store.close()
+
+
+@pytest.mark.parametrize("micro_batch", [True, False])
+def test_a_batch_larger_than_the_checkpoint_interval_leaves_at_most_that_interval_to_replay(
+        tmp_path: Path, micro_batch: bool) -> None:
+    """1,000 readings taken as one batch with a checkpoint due every 250: each checkpoint
+    completes before the rows past the next boundary are committed with it, so a crash after
+    the commit replays at most 250 readings (CI once replayed 511 with N = 500: the checkpoint
+    begun at a boundary completed only at the end of the batch)."""
+    cfg = config(tmp_path / "big.db", micro_batch=micro_batch, batch_max=1000)
+    t = MemoryTransport()
+    agent = Agent(cfg, t, open_store(cfg))
+    agent.recover()
+    t.start(agent.codec.subscriptions)
+    for m in SensorSimulator(cfg.streams[0], devices=3, seed=5).messages(1000):
+        t.inject(m.topic, m.payload)
+    assert agent.step(timeout=0) == 1000  # one batch, one commit
+    assert sorted(t.acked) == list(range(1, 1001))
+    assert (agent.runners["boiler"].metrics_row()["batched"] > 0) == micro_batch
+    last = agent.store._conn.execute("SELECT max(seq) FROM inbox").fetchone()[0]
+    assert last - agent.store.load_checkpoint().position <= 250
+    agent.store.close()  # the process dies before it writes another checkpoint
+    resumed, _, _ = make(tmp_path / "big.db", micro_batch=micro_batch)
+    assert resumed.counters["replayed"] <= 250
+    resumed.store.close()
 
 
 def test_micro_batches_are_recorded_so_a_restart_replays_them_exactly(tmp_path: Path) -> None:

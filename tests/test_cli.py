@@ -54,7 +54,10 @@ def test_config_errors_are_one_clean_message(tmp_path: Path) -> None:
 @pytest.fixture
 def filled_store(tmp_path: Path) -> Path:
     store = tmp_path / "s.db"
-    cfg = parse_config({"store": {"path": str(store), "checkpoint_every_messages": 100}, "streams": [{
+    # taken 64 at a time, a trickle: 500 at once is a backlog, learned so fast that a checkpoint
+    # every 100 readings would take more than checkpoint_max_share of the time, and is stretched
+    cfg = parse_config({"store": {"path": str(store), "checkpoint_every_messages": 100},
+                        "agent": {"batch_max": 64}, "streams": [{
         "name": "boiler", "topic": "s/+/b", "device": {"topic_level": 1}, "features": ["a", "b"],
         "label": {"field": "y"}}]})
     t = MemoryTransport()
