@@ -8,7 +8,8 @@ prints per run the end-to-end latency (publish to prediction received) beside th
 wait in front of the agent's thread: the ``latency_ms`` each prediction carries, from
 paho's callback handing the reading over to the agent's thread starting on it. Store
 settings that differ from the shipped defaults can be given as ``key=value`` (for
-example ``synchronous=normal``, ``checkpoint_every_messages=1000000``). About 40 s a run.
+example ``synchronous=normal``, ``checkpoint_every_messages=1000000``), agent settings
+as ``agent.key=value`` (``agent.micro_batch_backlog=32``). About 40 s a run.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("store", nargs="*", help="store settings as key=value")
+    ap.add_argument("store", nargs="*", help="store settings as key=value, agent settings as agent.key=value")
     args = ap.parse_args()
     store = {k: _value(v) for k, v in (a.split("=", 1) for a in args.store)}
     settings = Settings(repeats=1, rates=(args.rate,), rate_seconds={args.rate: args.seconds},

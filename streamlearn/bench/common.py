@@ -73,11 +73,20 @@ def agent_config(store: Path, port: int, gateway: str, client_id: str, **store_o
 
     Only what a benchmark must set differs from the defaults: broker, client id,
     gateway (unique per run, so topics of runs never mix) and the store path.
+    ``store_overrides``: store settings of a what-if variant; a key ``agent.<name>``
+    sets an agent setting instead (``agent.micro_batch_backlog``).
     """
+    agent: dict[str, Any] = {"gateway": gateway}
+    store_keys: dict[str, Any] = {}
+    for key, value in store_overrides.items():
+        if key.startswith("agent."):
+            agent[key.removeprefix("agent.")] = value
+        else:
+            store_keys[key] = value
     return {
-        "agent": {"gateway": gateway},
+        "agent": agent,
         "mqtt": {"host": "127.0.0.1", "port": port, "client_id": client_id},
-        "store": {"path": str(store), **store_overrides},
+        "store": {"path": str(store), **store_keys},
         "streams": [{
             "name": STREAM,
             "topic": TOPIC,

@@ -34,6 +34,14 @@ def test_the_agent_config_round_trips_through_toml(tmp_path: Path) -> None:
     assert cfg.mqtt.client_id == "cid"
 
 
+def test_what_if_settings_go_to_the_store_or_with_agent_dot_to_the_agent(tmp_path: Path) -> None:
+    data = agent_config(tmp_path / "s.db", 1883, "gw", "cid", synchronous="normal",
+                        **{"agent.micro_batch_backlog": 32})
+    cfg = parse_config(tomllib.loads(to_toml(data)))
+    assert cfg.store.synchronous == "normal" and cfg.agent.micro_batch_backlog == 32
+    assert cfg.agent.gateway == "gw"
+
+
 def test_messages_are_unique_and_decode_for_the_stream(tmp_path: Path) -> None:
     from streamlearn.codec import Codec
 
