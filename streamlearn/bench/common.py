@@ -68,17 +68,17 @@ def learner_stream(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return X, Y.astype(np.float64)
 
 
-def agent_config(store: Path, port: int, gateway: str, client_id: str, **store_overrides: Any) -> dict[str, Any]:
+def agent_config(store: Path, port: int, gateway: str, client_id: str, **overrides: Any) -> dict[str, Any]:
     """The agent config of the benchmarks: shipped defaults, one 8-32-32-1 regression stream.
 
     Only what a benchmark must set differs from the defaults: broker, client id,
     gateway (unique per run, so topics of runs never mix) and the store path.
-    ``store_overrides``: store settings of a what-if variant; a key ``agent.<name>``
-    sets an agent setting instead (``agent.micro_batch_backlog``).
+    ``overrides``: settings of a what-if variant, store settings by name, agent settings
+    as ``agent.<name>`` (``agent.micro_batch_backlog``).
     """
     agent: dict[str, Any] = {"gateway": gateway}
     store_keys: dict[str, Any] = {}
-    for key, value in store_overrides.items():
+    for key, value in overrides.items():
         if key.startswith("agent."):
             agent[key.removeprefix("agent.")] = value
         else:
