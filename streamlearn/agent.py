@@ -83,6 +83,7 @@ class Agent:
         self._last_checkpoint = self.clock.monotonic()
         self._pending: PendingCheckpoint | None = None  # a checkpoint being written in steps
         self._checkpoint_cost_s = 0.0  # time the last complete checkpoint took to write
+        self._checkpoint_steps = 0  # and in how many steps
         self._stretching = False  # the checkpoint due now waits for checkpoint_max_share
         self._completed_in_batch = 0  # checkpoints the open batch transaction completes
         # the commit group: messages staged and processed in the open transaction, acknowledged
@@ -493,9 +494,12 @@ class Agent:
         cfg = self.config.store
         since = self.clock.monotonic() - self._last_checkpoint
         due = self._since_checkpoint >= cfg.checkpoint_every_messages or since >= cfg.checkpoint_every_seconds
-        if due and since < self._checkpoint_cost_s / cfg.checkpoint_max_share:
-            # writing the last one took long (many changed models): wait, so that checkpoints
-            # take at most checkpoint_max_share of the agent's time; a restart may replay more
+        if due and self._checkpoint_steps > 1 and since < self._checkpoint_cost_s / cfg.checkpoint_max_share:
+            # writing the last one took long, in several steps (many changed models): wait, so that
+            # checkpoints take at most checkpoint_max_share of the agent's time; a restart may
+            # replay more. One written in a single step (a few models) never stretches the
+            # interval, however long that step took (a cold first write after a restart, a slow
+            # disk): with a few models a restart replays at most checkpoint_every_messages
             if not self._stretching:
                 self._stretching = True
                 self.counters["checkpoints_stretched"] += 1
@@ -531,6 +535,7 @@ class Agent:
             return False
         self._pending = None
         self._checkpoint_cost_s = pending.work_s
+        self._checkpoint_steps = pending.steps
         return True
 
     def _checkpoint_step_alone(self, budget_s: float | None = None) -> bool:

@@ -75,6 +75,7 @@ class PendingCheckpoint:
         self.bytes_written = 0
         self.written_early = 0
         self.work_s = 0.0  # time spent writing it (steps and early writes): its cost to the agent
+        self.steps = 0  # steps taken; one when it fitted in a single step (a few models)
 
     def _write_early(self, saved: SlotState) -> bool:
         """A model about to learn before its step: write it now, in the open transaction (a
@@ -103,6 +104,7 @@ class PendingCheckpoint:
         started = time.perf_counter() if started is None else started
         deadline = started + budget_s
         wrote = 0
+        self.steps += 1
         while self._todo:
             name, key = self._todo.pop()
             saved = self.runners[name].take_capture(key)

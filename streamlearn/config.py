@@ -352,7 +352,8 @@ class StoreConfig(_Section):
     # batch of messages, each stopping after this many milliseconds of work
     checkpoint_step_ms: PositiveFloat = 1.0
     # writing checkpoints takes at most this share of the agent's time: with a thousand changed
-    # models (~0.2 s to write) a flood stretches the interval, and the agent counts it (1: never)
+    # models (~0.2 s to write, in many steps) a flood stretches the interval, and the agent counts
+    # it (1: never); a checkpoint written in one step (a few models) never stretches it
     checkpoint_max_share: float = Field(0.1, gt=0.0, le=1.0)
     inbox_retention: int = Field(100_000, ge=0)
     dead_letter_retention: int = Field(100_000, ge=0)
