@@ -65,7 +65,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from streamlearn.config import MqttConfig, read_password
 from streamlearn.errors import TransportError
-from streamlearn.transport import Message
+from streamlearn.transport import Message, paho_speedups
 from streamlearn.transport.lock import ClientIdLock
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,10 @@ class _PahoLog:
         self._log = logging.getLogger("paho")
 
     def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        # paho logs every packet it reads or writes at DEBUG: that level is dropped here, before
+        # the logging module's own (slower) checks, unless someone asked for paho's DEBUG
+        if level <= logging.DEBUG and not self._log.isEnabledFor(logging.DEBUG):
+            return
         if level > logging.DEBUG and isinstance(msg, str) and msg.startswith("Client is not connected"):
             level = logging.DEBUG
         self._log.log(level, msg, *args, **kwargs)
@@ -133,6 +137,7 @@ class MqttTransport:
     ) -> None:
         if publish_window < 1:
             raise ValueError("publish_window must be at least 1")
+        paho_speedups.install()
         self.config = config
         self.client_id = client_id
         self.status_topic = status_topic
