@@ -211,7 +211,24 @@ class RollbackGuard:
         shadow = self._shadow
         if shadow is None:
             return False
-        predicted = shadow.predict_one(x)[0]
+        return self._score(shadow.predict_one(x)[0], live_error, y)
+
+    def compare_many(self, X: np.ndarray, live_errors: list[float], ys: list[float]) -> int | None:
+        """:meth:`compare` over a micro-batch, the snapshot predicting it in one call: the index
+        of the reading after which the live model should roll back, or None."""
+        shadow = self._shadow
+        if shadow is None:
+            return None
+        for i, (predicted, live_error, y) in enumerate(zip(shadow.predict_many(X)[0], live_errors, ys)):
+            if self._score(predicted, live_error, y):
+                return i
+            if self._shadow is None:  # the trial ended
+                return None
+        return None
+
+    def _score(self, predicted: Any, live_error: float, y: float) -> bool:
+        shadow = self._shadow
+        assert shadow is not None
         if shadow.task == "regression":
             shadow_error = abs(y - float(predicted))
         elif shadow.task == "binary":
@@ -366,11 +383,17 @@ class Slot:
         """During a guard trial, score the snapshot on this reading and roll back if it wins."""
         guard = self.guard
         if guard is not None and guard.in_trial and guard.compare(x, live_error, y):
-            lr = self.lr
-            step = guard.roll_back(self.learner)
-            self.policy.prefer_kind(0)  # serve what was restored
-            logger.info("rolled back model %s to its snapshot of step %d: it predicts clearly better", self.key, step)
-            events.append(("guard", None, "rollback", lr, lr, self.drift.loss.slow))
+            self._roll_back(events)
+
+    def _roll_back(self, events: list[tuple[Any, ...]]) -> None:
+        """The guard's snapshot won its trial: it replaces the live model."""
+        guard = self.guard
+        assert guard is not None
+        lr = self.lr
+        step = guard.roll_back(self.learner)
+        self.policy.prefer_kind(0)  # serve what was restored
+        logger.info("rolled back model %s to its snapshot of step %d: it predicts clearly better", self.key, step)
+        events.append(("guard", None, "rollback", lr, lr, self.drift.loss.slow))
 
     def _after_monitor(self, signal: Any, t: int, events: list[tuple[Any, ...]]) -> None:
         """A drift signal goes to the policy (and into the history); the guard watches the loss."""
@@ -403,17 +426,21 @@ class Slot:
         monitor_values: list[tuple[float, float | None]] = []
         events: list[tuple[Any, ...]] = []
         std = self.learner.target.std
-        for x, y, p in zip(X, ys, predicted):
+        live_errors: list[float] = []
+        for y, p in zip(ys, predicted):
             if self.task == "regression":
                 self.metrics.record_regression(y, float(p), std)
-                live_error = abs(y - float(p))
+                live_errors.append(abs(y - float(p)))
                 monitor_values.append((((y - float(p)) / std) ** 2, None))
             else:
                 probs = np.array([1.0 - float(p), float(p)]) if self.task == "binary" \
                     else np.asarray(p, dtype=np.float64)
                 live_error = self.metrics.record_class(int(y), probs)
+                live_errors.append(live_error)
                 monitor_values.append((live_error, live_error))
-            self._guard_compare(x, live_error, y, events)
+        guard = self.guard
+        if guard is not None and guard.in_trial and guard.compare_many(X, live_errors, ys) is not None:
+            self._roll_back(events)
         self.metrics.batched += len(ys)
         self.learner.lr = self.policy.lr()
         loss = self.learner.learn_many(X, np.asarray(ys, dtype=np.float64))

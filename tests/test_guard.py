@@ -89,3 +89,48 @@ def test_label_spikes_are_skipped_and_counted_not_learned() -> None:
     run(slot, 20, rng, w, scale=1e6)
     assert slot.learner.n_outliers == 20
     assert np.array_equal(before, slot.learner.net.params)  # not one step on them
+
+
+def run_batched(slot: Slot, n: int, rng: np.random.Generator, w: np.ndarray, flip_mean: float | None = None,
+                size: int = 8) -> list[tuple[Any, ...]]:
+    """As ``run``, learning in micro-batches of ``size`` (as the agent does under a backlog)."""
+    events = []
+    for _ in range(n // size):
+        values = rng.normal(size=(size, 3))
+        ys = values @ w + 10.0 + 0.1 * rng.normal(size=size)
+        if flip_mean is not None:
+            ys = 2 * flip_mean - ys
+        X = np.stack([slot.features_for("d", v.tolist()) for v in values])
+        events += slot.learn_many(X, [float(y) for y in ys], list(slot.predict_many(X)))
+    return events
+
+
+def test_micro_batches_roll_back_a_burst_as_single_readings_do() -> None:
+    rng = np.random.default_rng(0)
+    w = np.array([3.0, -2.0, 1.0])
+    slot = make_slot()
+    assert rollbacks(run_batched(slot, 3000, rng, w)) == 0
+    burst = run_batched(slot, 296, rng, w, flip_mean=10.0)
+    after = run_batched(slot, 1504, rng, w)
+    assert rollbacks(burst + after) == 1
+    assert slot.drift.loss.fast < 0.1
+
+
+def test_the_snapshot_scores_a_micro_batch_as_it_scores_its_readings_one_by_one() -> None:
+    rng = np.random.default_rng(1)
+    w = np.array([3.0, -2.0, 1.0])
+    slot = make_slot()
+    run(slot, 3000, rng, w)
+    guard = slot.guard
+    assert guard is not None and guard.start_trial(slot.learner)
+    values = rng.normal(size=(300, 3))
+    ys = [float(y) for y in values @ w + 10.0 + 0.1 * rng.normal(size=300)]
+    X = np.stack([slot.features_for("d", v.tolist()) for v in values])
+    # a live model as poisoned as after a burst of wrong labels: the snapshot wins the trial
+    live = [abs(y - float(p)) + 2.0 + rng.random() for y, p in zip(ys, slot.predict_many(X))]
+    state = guard.state()
+    one_by_one = next((i for i, (x, e, y) in enumerate(zip(X, live, ys)) if guard.compare(x, e, y)), None)
+    guard.load(*state)
+    batched = guard.compare_many(X, live, ys)
+    assert one_by_one is not None and batched is not None
+    assert abs(batched - one_by_one) <= 1  # the same reading, but for the last bits of a batched matmul
