@@ -331,7 +331,7 @@ class Agent:
         # behind by micro_batch_backlog messages, good or bad: counting only the good readings,
         # an agent fed bad messages too crossed the threshold later than a clean one as far behind
         if agent_cfg.micro_batch and len(batch) >= agent_cfg.micro_batch_backlog:
-            self._process_batched(readings)
+            self._process_batched(readings, self._micro_batch_size(len(batch)))
         else:
             for row, reading, received_mono in readings:
                 self._process(row, reading, received_mono)
@@ -339,9 +339,22 @@ class Agent:
             self._completed_in_batch += self._checkpoint_step()
         return dead
 
-    def _process_batched(self, readings: list[tuple[InboxRow, Reading, float]]) -> None:
+    def _micro_batch_size(self, taken: int) -> int:
+        """``micro_batch_size``, doubled for each further ``micro_batch_backlog`` messages behind
+        (``taken`` and those waiting behind them), up to ``micro_batch_size_max``. (Linear steps,
+        not one per doubling of the backlog: the broker's in-flight window, ``receive_maximum``
+        = 1,000, bounds how far behind the agent can see, however many wait at the broker.)"""
+        cfg = self.config.agent
+        steps = (taken + self.transport.backlog()) // cfg.micro_batch_backlog - 1
+        size = cfg.micro_batch_size
+        while steps > 0 and size < cfg.micro_batch_size_max:
+            size, steps = min(2 * size, cfg.micro_batch_size_max), steps - 1
+        return size
+
+    def _process_batched(self, readings: list[tuple[InboxRow, Reading, float]], size: int) -> None:
         """A backlog: process in runs that end at checkpoint boundaries; within a run each
-        payload-label stream learns per model in micro-batches, everything else row by row."""
+        payload-label stream learns per model in micro-batches of ``size``, everything else row
+        by row."""
         every = self.config.store.checkpoint_every_messages
         i = 0
         while i < len(readings):
@@ -359,8 +372,8 @@ class Agent:
                     self._process(*item, checkpoint=False)
             for name, items in by_stream.items():
                 try:
-                    outgoing = self.runners[name].handle_many(items, self.clock.monotonic(),
-                                                              self.config.agent.micro_batch_size, emit=self._publish)
+                    outgoing = self.runners[name].handle_many(items, self.clock.monotonic(), size,
+                                                              emit=self._publish)
                 except StoreError:
                     raise  # a model written early for a checkpoint was refused: the batch fails as a whole
                 except Exception:  # a bug must not stop the gateway; the rows are kept in the inbox

@@ -12,16 +12,17 @@ import pytest
 from streamlearn.agent import Agent, open_store
 from streamlearn.clock import ManualClock
 from streamlearn.config import Config, parse_config
-from streamlearn.errors import StoreError
+from streamlearn.errors import ConfigError, StoreError
 from streamlearn.sim import SensorSimulator
 from streamlearn.store import SQLiteStore
 from streamlearn.transport.memory import MemoryTransport
 
 
 def config(store: Path, micro_batch: bool = False, step_ms: float = 2.0, batch_max: int = 64,
-           **stream: Any) -> Config:
+           micro_batch_size_max: int = 8, **stream: Any) -> Config:
     """Strict test-then-train unless ``micro_batch``: bit-exact replay needs it (micro-batches
-    depend on how messages happened to arrive)."""
+    depend on how messages happened to arrive). Micro-batches of 8 whatever the backlog,
+    unless ``micro_batch_size_max``."""
     s = {
         "name": "boiler", "topic": "s/+/boiler", "device": {"topic_level": 1},
         "features": ["t_in", "t_out", "flow", "load"], "label": {"field": "power"},
@@ -30,7 +31,8 @@ def config(store: Path, micro_batch: bool = False, step_ms: float = 2.0, batch_m
     s.update(stream)
     return parse_config({"store": {"path": str(store), "checkpoint_every_messages": 250,
                                    "checkpoint_step_ms": step_ms},
-                         "agent": {"batch_max": batch_max, "micro_batch": micro_batch, "micro_batch_backlog": 8},
+                         "agent": {"batch_max": batch_max, "micro_batch": micro_batch, "micro_batch_backlog": 8,
+                                   "micro_batch_size_max": micro_batch_size_max},
                          "streams": [s]})
 
 
@@ -431,6 +433,39 @@ def test_under_a_backlog_models_learn_in_micro_batches_and_say_so(tmp_path: Path
     assert row["error"] < 0.5 * row["baseline_error"]
     strict.store.close()
     batched.store.close()
+
+
+def test_the_further_behind_the_larger_the_micro_batches_up_to_the_maximum(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "deep.db", micro_batch=True, micro_batch_size_max=32)  # backlog 8, size 8
+    t = MemoryTransport()
+    agent = Agent(cfg, t, open_store(cfg))
+    agent.recover()
+    t.start(agent.codec.subscriptions)
+    # each further micro_batch_backlog (8) messages behind doubles the size, up to the maximum
+    assert [agent._micro_batch_size(n) for n in (8, 15, 16, 23, 24, 1000)] == [8, 8, 16, 16, 32, 32]
+    t.inject("s/d1/boiler", b"{}")  # what waits behind the batch counts too
+    assert agent._micro_batch_size(15) == 16
+    agent.step(timeout=0)
+    messages = list(SensorSimulator(cfg.streams[0], devices=1, seed=3).messages(1012))
+    for m in messages[:1000]:  # 1,000 waiting: batches of 64 with hundreds behind them
+        t.inject(m.topic, m.payload)
+    drain(agent)
+    for m in messages[1000:]:  # then 12 at once: a backlog, but a shallow one
+        t.inject(m.topic, m.payload)
+    drain(agent)
+    sizes = [orjson.loads(p).get("micro_batch") for topic, p, _, _ in t.published if topic.endswith("/prediction")]
+    assert len(sizes) == 1012
+    assert sizes[:900].count(32) > 700 and set(sizes[:1000]) <= {32, 16, 8, None}
+    assert sizes[1000:] == [8] * 8 + [None] * 4  # each prediction says how it was learned
+    assert agent.runners["boiler"].counters["learned_count"] == 1012
+    agent.store.close()
+
+
+def test_micro_batch_size_max_below_the_size_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"micro_batch_size_max \(8\) is below micro_batch_size \(16\)"):
+        parse_config({"agent": {"micro_batch_size": 16, "micro_batch_size_max": 8},
+                      "store": {"path": str(tmp_path / "x.db")},
+                      "streams": [{"name": "s", "topic": "s/#", "features": ["a"]}]})
 
 
 @pytest.mark.parametrize("micro_batch", [True, False])

@@ -334,9 +334,12 @@ def _rates(recv: np.ndarray, t0: float) -> dict[str, Any]:
     return out
 
 
-def flood_run(ctx: Context, kind: str, n: int, warmup: int, devices: int = 1) -> dict[str, Any]:
-    """One consumer fed ``n`` readings as fast as the broker takes them (after a warm-up)."""
-    consumer = _make(ctx, kind).start()
+def flood_run(ctx: Context, kind: str, n: int, warmup: int, devices: int = 1, **overrides: Any) -> dict[str, Any]:
+    """One consumer fed ``n`` readings as fast as the broker takes them (after a warm-up).
+
+    ``overrides``: settings of the agent that differ from the shipped defaults (see
+    :func:`streamlearn.bench.common.agent_config`)."""
+    consumer = _make(ctx, kind, **overrides).start()
     coll = feeder = None
     timeout = ctx.settings.run_timeout
     try:

@@ -50,6 +50,10 @@ class Transport(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    def backlog(self) -> int:
+        """Messages received and not yet taken by :meth:`receive`."""
+        ...
+
     def stats(self) -> dict[str, int | float | bool]: ...
 
     def stop(self) -> None:

@@ -51,6 +51,9 @@ class MemoryTransport:
         self.published.append((topic, payload, qos, retain))
         return True
 
+    def backlog(self) -> int:
+        return len(self._inbox)
+
     @property
     def connected(self) -> bool:
         return self.started and not self.stopped
