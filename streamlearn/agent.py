@@ -373,7 +373,8 @@ class Agent:
             for name, items in by_stream.items():
                 try:
                     outgoing = self.runners[name].handle_many(items, self.clock.monotonic(), size,
-                                                              emit=self._publish)
+                                                              emit=self._publish,
+                                                              min_size=self.config.agent.micro_batch_size)
                 except StoreError:
                     raise  # a model written early for a checkpoint was refused: the batch fails as a whole
                 except Exception:  # a bug must not stop the gateway; the rows are kept in the inbox

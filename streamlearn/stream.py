@@ -672,10 +672,12 @@ class StreamRunner:
         return self.source == "payload"
 
     def handle_many(self, items: list[tuple[InboxRow, Reading, float | None]], now_mono: float,
-                    size: int, emit: Callable[[str, bytes], Any] | None = None) -> list[tuple[str, bytes]]:
+                    size: int, emit: Callable[[str, bytes], Any] | None = None,
+                    min_size: int | None = None) -> list[tuple[str, bytes]]:
         """Process a run of readings; a model with ``size`` or more of them learns them ``size``
-        at a time (each prediction comes from the model before its micro-batch); the rest
-        one by one. ``emit``: as in ``handle``, each prediction goes out as soon as it is made."""
+        at a time (each prediction comes from the model before its micro-batch), and what is left,
+        if ``min_size`` readings or more, as one smaller micro-batch; the rest one by one.
+        ``emit``: as in ``handle``, each prediction goes out as soon as it is made."""
         assert self.batchable
         out: list[tuple[str, bytes]] = []
         groups: dict[str, list[tuple[InboxRow, Reading, float | None, np.ndarray]]] = {}
@@ -689,6 +691,8 @@ class StreamRunner:
         for key, entries in groups.items():
             slot = self.slots[key]
             full = len(entries) - len(entries) % size
+            if len(entries) - full >= (min_size or size):
+                full = len(entries)  # the last micro-batch is smaller
             for start in range(0, full, size):
                 self._micro_batch(slot, entries[start:start + size], now_mono, out, emit)
             for row, reading, received_mono, x in entries[full:]:
