@@ -6,7 +6,9 @@ Runs the agent as ``streamlearn bench throughput`` does (its own Mosquitto on a 
 port, C load generator, replies collected by mosquitto_sub), at one fixed rate, and
 prints per run the end-to-end latency (publish to prediction received) beside the
 wait in front of the agent's thread: the ``latency_ms`` each prediction carries, from
-paho's callback handing the reading over to the agent's thread starting on it. Store
+paho's callback handing the reading over to the agent's thread starting on it; and the
+agent process's CPU per message, whole and split by thread (the agent's loop runs on
+the main thread; the busiest other one is paho's network thread). Store
 settings that differ from the shipped defaults can be given as ``key=value`` (for
 example ``synchronous=normal``, ``checkpoint_every_messages=1000000``), agent settings
 as ``agent.key=value`` (``agent.micro_batch_backlog=32``). About 40 s a run.
@@ -71,7 +73,8 @@ def main() -> None:
         print(f"run {run + 1}: {args.rate} msg/s, {e2e['n']} readings; publish to prediction p50 {e2e['p50_ms']} "
               f"p99 {e2e['p99_ms']} p99.9 {e2e['p99_9_ms']} ms; wait in front of the agent's thread p50 "
               f"{np.percentile(waits, 50):.3f} p99 {np.percentile(waits, 99):.3f} p99.9 "
-              f"{np.percentile(waits, 99.9):.3f} ms; agent CPU {r['cpu_us_per_msg']} us/msg")
+              f"{np.percentile(waits, 99.9):.3f} ms; agent CPU {r['cpu_us_per_msg']} us/msg (its loop's thread "
+              f"{r['main_thread_cpu_us_per_msg']}, the busiest others {r['other_threads_cpu_us_per_msg']})")
 
 
 if __name__ == "__main__":

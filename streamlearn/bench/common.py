@@ -187,6 +187,24 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """utime + stime of each thread of a process (seconds), by thread id ({} when it is gone)."""
+    out: dict[int, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                text = fh.read()
+        except OSError:
+            continue  # the thread ended
+        fields = text[text.rindex(")") + 2:].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def system_cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
     try:
@@ -204,13 +222,17 @@ class CpuMeter:
 
     ``other_cores`` is the background load (other users of this shared box) in
     cores: it says how much of the 2 cores the measured processes did not have.
+    ``threads_of``: the name of one process whose CPU is also split by thread (its
+    main thread, then the others, busiest first).
     """
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], threads_of: str | None = None) -> None:
         self.pids = pids
+        self.threads_of = threads_of
         self._t0 = time.monotonic()
         self._sys0 = system_cpu_seconds()[0]
         self._own0 = {k: proc_cpu_seconds(p) for k, p in pids.items()}
+        self._threads0 = thread_cpu_seconds(pids[threads_of]) if threads_of else {}
 
     def stop(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self._t0)
@@ -220,8 +242,15 @@ class CpuMeter:
             a, b = self._own0.get(k), proc_cpu_seconds(p)
             own[k] = None if a is None or b is None else b - a
         ours = sum(v for v in own.values() if v is not None)
+        threads: dict[str, Any] = {}
+        if self.threads_of:
+            pid = self.pids[self.threads_of]
+            used = {tid: s - self._threads0.get(tid, 0.0) for tid, s in thread_cpu_seconds(pid).items()}
+            threads = {"main": round(used.pop(pid, 0.0), 3),
+                       "others": sorted((round(v, 3) for v in used.values() if v > 0), reverse=True)}
         return {
             "elapsed_s": round(elapsed, 3),
+            "threads_cpu_s": threads,
             "machine_busy_cores": round(busy / elapsed, 2),
             "cores": {k: (None if v is None else round(v / elapsed, 2)) for k, v in own.items()},
             "other_cores": round(max(0.0, busy - ours) / elapsed, 2),

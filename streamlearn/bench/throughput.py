@@ -422,7 +422,7 @@ def latency_runs(ctx: Context, kind: str, label: str | None = None, **store: Any
             expected += warm
             coll.wait_replies(expected, 60)
             meter = CpuMeter({"consumer": consumer.pid, "broker": ctx.broker_pid, "feeder": feeder.pid,
-                              "collector": coll.pid, "bench": os.getpid()})
+                              "collector": coll.pid, "bench": os.getpid()}, threads_of="consumer")
             sent = feeder.feed_paced(_payloads(n, 1, boot), rate, deadline)
             expected += n
             complete = coll.wait_replies(expected, 60, idle=10)
@@ -436,6 +436,9 @@ def latency_runs(ctx: Context, kind: str, label: str | None = None, **store: Any
                 "achieved_rate": round((n - 1) / span, 1) if span > 0 else None,
                 "latency": latency_summary(recv[ok] - sent[ok]),
                 "cpu_us_per_msg": _us(cpu["cpu_s"]["consumer"], n),
+                # the consumer's main thread (the agent's loop) and its others (paho's first)
+                "main_thread_cpu_us_per_msg": _us(cpu["threads_cpu_s"]["main"], n),
+                "other_threads_cpu_us_per_msg": [_us(v, n) for v in cpu["threads_cpu_s"]["others"][:2]],
                 "cpu": cpu,
             })
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -146,3 +147,22 @@ def test_the_cpu_meter_sees_its_own_process() -> None:
     sum(i * i for i in range(200_000))
     got = meter.stop()
     assert got["cpu_s"]["me"] is not None and got["elapsed_s"] > 0
+
+
+def test_the_cpu_meter_splits_a_process_by_thread() -> None:
+    import os
+    import threading
+
+    def spin() -> None:
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.3:
+            pass
+
+    meter = CpuMeter({"me": os.getpid()}, threads_of="me")
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join(10)
+    got = meter.stop()["threads_cpu_s"]
+    # the worker's 0.3 s (tick-granular) is another thread's, not the main thread's
+    assert got["others"] and got["others"][0] >= 0.25
+    assert got["main"] < 0.2
