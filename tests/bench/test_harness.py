@@ -153,16 +153,22 @@ def test_the_cpu_meter_splits_a_process_by_thread() -> None:
     import os
     import threading
 
+    spun, release = threading.Event(), threading.Event()
+
     def spin() -> None:
         t0 = time.thread_time()
         while time.thread_time() - t0 < 0.3:
             pass
+        spun.set()
+        release.wait(10)  # alive until measured: an ended thread leaves /proc/<pid>/task
 
     meter = CpuMeter({"me": os.getpid()}, threads_of="me")
     worker = threading.Thread(target=spin)
     worker.start()
-    worker.join(10)
+    assert spun.wait(10)
     got = meter.stop()["threads_cpu_s"]
+    release.set()
+    worker.join(10)
     # the worker's 0.3 s (tick-granular) is another thread's, not the main thread's
     assert got["others"] and got["others"][0] >= 0.25
     assert got["main"] < 0.2
