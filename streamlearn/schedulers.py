@@ -449,7 +449,7 @@ class Population:
         # a plain mean until 1/alpha samples are in, then an exponential average
         self._avg += max(self.alpha, 1.0 / self._n) * (score - self._avg)
         for kind, idx in enumerate(self._kinds):
-            leader = int(idx[np.argmin(self._avg[idx])])
+            leader = int(idx[self._avg[idx].argmin()])
             # switch the copy only when another is better by `margin` (noise is not evidence)
             if self._avg[leader] < self._avg[self._best[kind]] * (1.0 - self.margin):
                 self._best[kind] = leader
@@ -458,7 +458,7 @@ class Population:
             live = learner.last_wrong.astype(float) if learner.last_wrong is not None \
                 else np.sqrt(loss) * learner.target.std  # the absolute error on the target's own scale
             self._kind_err += max(self.kind_alpha, 1.0 / self._n) * (live[candidates] - self._kind_err)
-            leader = int(np.argmin(self._kind_err))
+            leader = int(self._kind_err.argmin())
             if self._kind_err[leader] < self._kind_err[self._kind]:
                 self._kind = leader
         if t - self._last_move >= self.period:
