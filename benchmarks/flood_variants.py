@@ -25,22 +25,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from streamlearn.bench.common import parse_settings
 from streamlearn.bench.throughput import Settings, bench_context, flood_run
 
 KEYS = ("msgs_per_s", "cpu_us_per_msg")
-
-
-def _value(text: str) -> object:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text, text)
-
-
-def parse_variant(text: str) -> dict[str, Any]:
-    return {k.strip(): _value(v.strip()) for k, v in (p.split("=", 1) for p in text.split(",") if p.strip())}
 
 
 def one_run(overrides: dict[str, Any], n: int) -> dict[str, float]:
@@ -62,7 +50,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=30_000)
     ap.add_argument("variants", nargs="+", help='settings as key=value,agent.key=value ("" = shipped)')
     args = ap.parse_args()
-    variants = [parse_variant(v) for v in args.variants]
+    variants = [parse_settings([p for p in v.split(",") if p.strip()]) for v in args.variants]
     runs: list[list[dict[str, float]]] = [[] for _ in variants]
     for rep in range(args.repeats):
         for i, overrides in enumerate(variants):

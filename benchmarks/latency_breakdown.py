@@ -24,16 +24,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from streamlearn.bench.common import parse_settings
 from streamlearn.bench.throughput import Settings, bench_context, latency_runs
-
-
-def _value(text: str) -> object:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def in_agent_waits(workdir: Path) -> np.ndarray:
@@ -58,7 +50,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("store", nargs="*", help="store settings as key=value, agent settings as agent.key=value")
     args = ap.parse_args()
-    store = {k: _value(v) for k, v in (a.split("=", 1) for a in args.store)}
+    store = parse_settings(args.store)
     settings = Settings(repeats=1, rates=(args.rate,), rate_seconds={args.rate: args.seconds},
                         latency_variant=False)
     for run in range(args.repeats):

@@ -18,17 +18,24 @@ def make_slot(schedule: dict[str, Any] | None = None, **guard: Any) -> Slot:
     return Slot("d", cfg.streams[0])
 
 
+def readings(rng: np.random.Generator, w: np.ndarray, size: int, flip_mean: float | None = None,
+             scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` readings of a linear concept: features ``(size, 3)`` and labels ``(size,)``
+    (mirrored about ``flip_mean``: a burst of wrong labels)."""
+    values = rng.normal(size=(size, 3))
+    ys = values @ w + 10.0 + 0.1 * rng.normal(size=size)
+    if flip_mean is not None:
+        ys = 2 * flip_mean - ys
+    return values, ys * scale
+
+
 def run(slot: Slot, n: int, rng: np.random.Generator, w: np.ndarray, flip_mean: float | None = None,
         scale: float = 1.0) -> list[tuple[Any, ...]]:
     events = []
     for _ in range(n):
-        values = rng.normal(size=3)
-        y = float(values @ w + 10.0 + 0.1 * rng.normal())
-        if flip_mean is not None:
-            y = 2 * flip_mean - y
-        y *= scale
-        x = slot.features_for("d", values.tolist())
-        _, ev = slot.learn(x, y, slot.predict(x))
+        values, ys = readings(rng, w, 1, flip_mean, scale)
+        x = slot.features_for("d", values[0].tolist())
+        _, ev = slot.learn(x, float(ys[0]), slot.predict(x))
         events += ev
     return events
 
@@ -96,10 +103,7 @@ def run_batched(slot: Slot, n: int, rng: np.random.Generator, w: np.ndarray, fli
     """As ``run``, learning in micro-batches of ``size`` (as the agent does under a backlog)."""
     events = []
     for _ in range(n // size):
-        values = rng.normal(size=(size, 3))
-        ys = values @ w + 10.0 + 0.1 * rng.normal(size=size)
-        if flip_mean is not None:
-            ys = 2 * flip_mean - ys
+        values, ys = readings(rng, w, size, flip_mean)
         X = np.stack([slot.features_for("d", v.tolist()) for v in values])
         events += slot.learn_many(X, [float(y) for y in ys], list(slot.predict_many(X)))
     return events
@@ -123,8 +127,8 @@ def test_the_snapshot_scores_a_micro_batch_as_it_scores_its_readings_one_by_one(
     run(slot, 3000, rng, w)
     guard = slot.guard
     assert guard is not None and guard.start_trial(slot.learner)
-    values = rng.normal(size=(300, 3))
-    ys = [float(y) for y in values @ w + 10.0 + 0.1 * rng.normal(size=300)]
+    values, labels = readings(rng, w, 300)
+    ys = [float(y) for y in labels]
     X = np.stack([slot.features_for("d", v.tolist()) for v in values])
     # a live model as poisoned as after a burst of wrong labels: the snapshot wins the trial
     live = [abs(y - float(p)) + 2.0 + rng.random() for y, p in zip(ys, slot.predict_many(X))]

@@ -68,6 +68,23 @@ def learner_stream(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return X, Y.astype(np.float64)
 
 
+def parse_settings(args: list[str]) -> dict[str, Any]:
+    """``key=value`` texts (as benchmark scripts take them) as :func:`agent_config` overrides:
+    numbers as numbers, ``true``/``false`` as booleans, anything else as text."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        key, _, text = arg.partition("=")
+        value: Any = {"true": True, "false": False}.get(text.strip(), text.strip())
+        for cast in (int, float):
+            try:
+                value = cast(text)
+                break
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
 def agent_config(store: Path, port: int, gateway: str, client_id: str, **overrides: Any) -> dict[str, Any]:
     """The agent config of the benchmarks: shipped defaults, one 8-32-32-1 regression stream.
 
@@ -176,10 +193,10 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (seconds), from /proc/<pid>/stat."""
+def _stat_cpu_seconds(path: str) -> float | None:
+    """utime + stime (seconds) from a /proc ``stat`` file (None when it is gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as fh:
+        with open(path) as fh:
             text = fh.read()
     except OSError:
         return None
@@ -187,22 +204,19 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (seconds), from /proc/<pid>/stat."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """utime + stime of each thread of a process (seconds), by thread id ({} when it is gone)."""
-    out: dict[int, float] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-                text = fh.read()
-        except OSError:
-            continue  # the thread ended
-        fields = text[text.rindex(")") + 2:].split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
+        return {}
+    out = {int(tid): _stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat") for tid in tids}
+    return {tid: s for tid, s in out.items() if s is not None}  # (a thread that ended meanwhile)
 
 
 def system_cpu_seconds() -> tuple[float, float]:

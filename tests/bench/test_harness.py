@@ -172,3 +172,12 @@ def test_the_cpu_meter_splits_a_process_by_thread() -> None:
     # the worker's 0.3 s (tick-granular) is another thread's, not the main thread's
     assert got["others"] and got["others"][0] >= 0.25
     assert got["main"] < 0.2
+
+
+def test_benchmark_settings_are_parsed_as_the_config_wants_them() -> None:
+    from streamlearn.bench.common import parse_settings
+
+    assert parse_settings(["agent.micro_batch_size_max=8", "synchronous=normal", "agent.micro_batch=false",
+                           "agent.commit_delay_ms=2.5"]) == {
+        "agent.micro_batch_size_max": 8, "synchronous": "normal", "agent.micro_batch": False,
+        "agent.commit_delay_ms": 2.5}
