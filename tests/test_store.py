@@ -112,11 +112,57 @@ def test_a_model_keeps_at_most_two_rows(store_path: Path) -> None:
     store.close()
 
 
-def test_checkpoint_prunes_the_inbox_behind_the_retention(store_path: Path) -> None:
+def seqs(store: SQLiteStore) -> list[int]:
+    return [r.seq for r in store.inbox_after(0, 1000)]
+
+
+def test_batches_prune_the_inbox_behind_the_retention_a_few_rows_at_a_time(store_path: Path) -> None:
+    from streamlearn.store.sqlite import PRUNE_EXTRA, PRUNE_PER_ROW
+
+    store = SQLiteStore(store_path, inbox_retention=5)
+    store.append([row(i) for i in range(40)], [])
+    store.write_checkpoint(40, [], {}, [], "test")
+    assert seqs(store) == list(range(1, 41))  # the checkpoint itself deletes none of them
+    store.append([row(40)], [])  # one row staged: PRUNE_PER_ROW + PRUNE_EXTRA old ones go
+    first = PRUNE_PER_ROW + PRUNE_EXTRA
+    assert seqs(store) == list(range(first + 1, 42))
+    for i in range(41, 50):
+        store.append([row(i)], [])
+    # never past the checkpoint's position less the retention: rows 36 to 40 stay for a replay
+    assert seqs(store)[0] == 36 and seqs(store)[-1] == 50
+    store.close()
+
+
+def test_an_uncommitted_checkpoint_lets_nothing_be_pruned_and_a_reopened_store_goes_on(store_path: Path) -> None:
     store = SQLiteStore(store_path, inbox_retention=5)
     store.append([row(i) for i in range(20)], [])
-    store.write_checkpoint(20, [], {}, [], "test")
-    assert [r.seq for r in store.inbox_after(0, 100)] == list(range(16, 21))
+    store.begin()
+    store.finish_checkpoint(1, 20, {}, [], "test", [], slots_written=0, bytes_written=0)
+    store.rollback()
+    store.append([row(20)], [])
+    assert seqs(store)[0] == 1
+    store.write_checkpoint(21, [], {}, [], "test")
+    store.close()
+    store = SQLiteStore(store_path, inbox_retention=5)
+    store.append([row(i) for i in range(21, 30)], [])  # 9 rows: a budget of 22
+    assert seqs(store)[0] == 17 and len(seqs(store)) == 30 - 16
+    store.close()
+
+
+def test_batches_prune_dead_letters_behind_their_retention(store_path: Path) -> None:
+    def ids(store: SQLiteStore) -> list[int]:
+        return [r[0] for r in store._conn.execute("SELECT id FROM dead_letter ORDER BY id")]
+
+    dead = DeadLetter(1.0, "a/b", "s", "not_json", "bad", b"x")
+    store = SQLiteStore(store_path)
+    store.append([], [dead] * 50)
+    store.close()
+    store = SQLiteStore(store_path, dead_letter_retention=3)  # the retention lowered: 48 past it
+    store.append([], [dead])  # 2 + 4 of them go with one new dead letter
+    assert ids(store) == list(range(7, 52))
+    for _ in range(20):
+        store.append([], [dead])
+    assert ids(store) == [69, 70, 71]
     store.close()
 
 
