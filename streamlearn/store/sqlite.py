@@ -22,7 +22,8 @@ Durability rules this module keeps:
   by default, would copy it all and fsync the file inside whichever commit
   crossed the threshold: a pause of 10-50 ms on the message path. It stays on at
   32 MiB, as a backstop should the thread fall behind. The WAL is truncated back
-  to 4 MiB when it starts over (``journal_size_limit``).
+  to 4 MiB when it starts over (``journal_size_limit``). The thread's last copy,
+  which must hold off the writer, gives way as soon as the writer wants in.
 * Tensors are stored with safetensors, small state as JSON: loading a store never
   unpickles anything.
 * One process at a time: an exclusive ``flock`` on ``<store>.lock``.
@@ -245,7 +246,10 @@ class SQLiteStore:
         """Open the batch transaction (``durable=False``: commit it without an fsync)."""
         if self._in_batch:
             raise StoreError(f"{self.path}: a transaction is already open")
-        self._tx_lock.acquire()
+        if not self._tx_lock.acquire(blocking=False):
+            # the WAL thread's final copy holds it: it gives way (unless the WAL is past its hard limit)
+            self._wal_checkpointer.make_way()
+            self._tx_lock.acquire()
         self._holding_tx_lock = True
         if not durable:
             self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -601,6 +605,10 @@ class SQLiteStore:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
+def _interrupted(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "interrupt" in str(exc)
+
+
 class WalCheckpointer:
     """Copies the WAL into the main database file from a thread of its own.
 
@@ -612,9 +620,14 @@ class WalCheckpointer:
     stream of commits a concurrent checkpoint rarely ends with nothing left. So
     once the WAL holds ``restart_bytes``, the thread copies the bulk first, then
     takes ``tx_lock`` (the store holds it from BEGIN to COMMIT), so that no
-    transaction starts meanwhile, and copies the last few frames (at most about
-    ``FINAL_BYTES_MAX``): the agent waits for that small copy only, and its next
-    transaction starts the WAL over.
+    transaction starts meanwhile, and copies the rest: the next transaction starts
+    the WAL over. That copy gives way to the writer: it is interrupted as soon as
+    the store wants to begin a transaction (``make_way``): on this disk the copy took
+    1-40 ms, all of it a stall of the messages waiting. Interrupted, it is tried
+    again later; most are not (the agent's transactions are short, the copy of a
+    WAL already copied but for its last frames quick). Only past ``HARD_BYTES`` (a
+    writer that never paused: a long flood) the copy is not interrupted, and the
+    writer waits for it.
 
     Parameters
     ----------
@@ -647,6 +660,12 @@ class WalCheckpointer:
         self._since_copy = 0  # written since the last checkpoint began
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self.final_copies = 0
+        self.final_copies_interrupted = 0
+        self._conn: sqlite3.Connection | None = None
+        self._copy_state = threading.Lock()  # guards _copying and _interruptible against make_way
+        self._copying = False
+        self._interruptible = False
         self._thread = threading.Thread(target=self._run, name="streamlearn-wal", daemon=True)
         self._thread.start()
 
@@ -655,6 +674,7 @@ class WalCheckpointer:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             page = int(conn.execute("PRAGMA page_size").fetchone()[0])
             conn.execute("PRAGMA busy_timeout=20")  # the final copy holds the writer's lock meanwhile
+            self._conn = conn
         except sqlite3.Error as exc:
             logger.error("the WAL checkpointer cannot open %s (the agent's own commits will copy the WAL): %s",
                          self.path, exc)
@@ -675,30 +695,51 @@ class WalCheckpointer:
                             break  # small, or a reader still needs old frames: nothing to start over
                         # the agent writing back to back (a checkpoint of many models with no
                         # message waiting) never leaves little: past HARD_BYTES, it waits longer
-                        if self._since_copy <= self.FINAL_BYTES_MAX or frames * page >= self.HARD_BYTES:
-                            self._final_copy(conn)
+                        hard = frames * page >= self.HARD_BYTES
+                        if self._since_copy <= self.FINAL_BYTES_MAX or hard:
+                            self._final_copy(conn, hard)
                             break
                     if failing:
                         logger.info("the WAL checkpointer works again")
                         failing = False
                 except sqlite3.Error as exc:  # a full disk: the WAL keeps the data, try again later
+                    if _interrupted(exc):
+                        continue  # a make_way that came as the final copy ended: copied again later
                     if not failing:
                         logger.warning("WAL checkpoint of %s failed (retrying): %s", self.path, exc)
                         failing = True
         finally:
             conn.close()
 
-    def _final_copy(self, conn: sqlite3.Connection) -> None:
-        """Copy what the agent wrote since, with no transaction of its under way."""
+    def _final_copy(self, conn: sqlite3.Connection, hard: bool) -> None:
+        """Copy what the agent wrote since, with no transaction of its under way; a transaction
+        the store wants to begin meanwhile interrupts it, unless ``hard``."""
         if not self.tx_lock.acquire(timeout=1.0):
             return
         try:
-            # TRUNCATE: with no writer, copy the rest and start the WAL over now (an agent that has
-            # gone idle would never begin the transaction that does it); it waits at most
-            # busy_timeout for readers, and if one stays, the next write starts it over instead
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            with self._copy_state:
+                self._copying, self._interruptible = True, not hard
+            # PASSIVE, with no writer meanwhile: all of the WAL is copied, so the next
+            # transaction starts it over (and cuts the file back to journal_size_limit). Not
+            # TRUNCATE: that also waits for readers, and truncates the file to nothing, which
+            # then grows again under fsyncs that must write its new size too
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.final_copies += 1
+        except sqlite3.OperationalError as exc:
+            if not _interrupted(exc):
+                raise
+            self.final_copies_interrupted += 1
         finally:
+            with self._copy_state:
+                self._copying = False
             self.tx_lock.release()
+
+    def make_way(self) -> None:
+        """The writer wants ``tx_lock`` while this thread holds it: interrupt the final copy (SQLite
+        stops it between pages; an fsync under way ends first). Not one past ``HARD_BYTES``."""
+        with self._copy_state:
+            if self._copying and self._interruptible and self._conn is not None:
+                self._conn.interrupt()
 
     def wrote(self, n_bytes: int) -> None:
         """Called by the writer after a commit with about how much it wrote."""
