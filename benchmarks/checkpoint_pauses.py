@@ -1,0 +1,91 @@
+"""How long checkpoints hold up message handling, in process: the figures of the stall target.
+
+    python benchmarks/checkpoint_pauses.py [--runs 3] [--models 100,1000] [--readings 10000]
+
+Two parts, each run ``--runs`` times (the disk's speed moves from run to run here):
+
+1. Many changed models: ``streamlearn.bench.stages.checkpoint_stalls`` (what
+   ``streamlearn bench throughput --sections profile`` prints), a checkpoint of
+   ``models`` changed per-device models written in steps by the agent's own code
+   over a real SQLite store, 5 times; the longest pause (begin, or one step with
+   its COMMIT) per checkpoint, and the p99 of every pause.
+2. A store that has been running long: the real Agent over a MemoryTransport, one
+   model, the shipped ``inbox_retention`` (100,000): that many readings handed over
+   in batches of 512, then ``readings`` more one at a time (each its own batch, as
+   at a steady rate), so that, as on any gateway after its first 100,000 readings,
+   every checkpoint finds a whole interval of rows past the retention. Prints the
+   ``duration_ms`` those checkpoints recorded (their longest step).
+
+About 40 s a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from streamlearn.bench.common import agent_config, make_messages
+from streamlearn.bench.stages import checkpoint_stalls
+
+def long_running_store(workdir: Path, readings: int) -> dict[str, Any]:
+    from streamlearn.agent import Agent, open_store
+    from streamlearn.config import parse_config
+    from streamlearn.transport.memory import MemoryTransport
+
+    store_path = workdir / "long.db"
+    cfg = parse_config(agent_config(store_path, 1883, "ckp", "streamlearn-ckp"))
+    retention = cfg.store.inbox_retention
+    transport = MemoryTransport()
+    agent = Agent(cfg, transport, open_store(cfg))
+    agent.recover()
+    transport.start(agent.codec.subscriptions)
+    messages = make_messages(retention + readings, 1, boot="long")
+    for i in range(0, retention, 512):
+        for topic, payload in messages[i:min(i + 512, retention)]:
+            transport.inject(topic, payload)
+        agent.step(timeout=0.0)
+        agent.commit_group()
+    for topic, payload in messages[retention:]:
+        transport.inject(topic, payload)
+        agent.step(timeout=0.0)
+    agent.commit_group()
+    agent.store.close()
+    conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT position, duration_ms FROM checkpoints WHERE reason = 'interval'"
+                            " ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    past = sorted(d for position, d in rows if position > retention + cfg.store.checkpoint_every_messages)
+    return {"checkpoints": len(past), "median_ms": round(statistics.median(past), 3) if past else None,
+            "max_ms": round(max(past), 3) if past else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--models", default="100,1000", help="comma-separated counts of changed models")
+    ap.add_argument("--readings", type=int, default=10_000, help="handed over one at a time, after the first"
+                    " inbox_retention in batches")
+    args = ap.parse_args()
+    counts = [int(m) for m in args.models.split(",") if m]
+    for run in range(1, args.runs + 1):
+        with tempfile.TemporaryDirectory(prefix="streamlearn-ckp-") as tmp:
+            workdir = Path(tmp)
+            parts = []
+            for models in counts:
+                r = checkpoint_stalls(workdir, models)
+                parts.append(f"{models} models: longest pause median {r['stall_ms_median']} max {r['stall_ms_max']}"
+                             f" ms, every pause p99 {r['pause_ms_p99']} ms")
+            r = long_running_store(workdir, args.readings)
+            parts.append(f"inbox past its retention: {r['checkpoints']} checkpoints, longest step median"
+                         f" {r['median_ms']} max {r['max_ms']} ms")
+        print(f"run {run}: " + "; ".join(parts), flush=True)
+
+
+if __name__ == "__main__":
+    main()
