@@ -9,9 +9,11 @@ One pass of the loop::
       -> for each new row, in order: StreamRunner.handle -> publish predictions;
          every N rows or T seconds a checkpoint begins (at that row's position)
       -> one step of a checkpoint under way (a few models; see checkpointing.py)
-      -> store.commit (the fsync)  -> transport.ack(batch)  -> publish dead letters
+      -> store.commit  -> publish dead letters
+                       -> (the store's fsync thread, once it is on disk) transport.ack(batch)
 
-Predictions go out before the commit, so the fsync is not on their path. If the
+Predictions go out before the commit, and the fsync runs on a thread of its own,
+so neither is on their path. If the
 commit fails, nothing is acknowledged (the broker will deliver the batch again)
 and the in-memory state, which has learned from rows that are not stored, is
 thrown away and rebuilt from the last checkpoint and the stored inbox.
@@ -175,17 +177,32 @@ class Agent:
                 fatal = getattr(self.transport, "fatal_error", None)
                 if fatal:
                     raise TransportError(fatal)
+                self._check_sync()
                 if max_messages is not None and self.counters["processed"] >= max_messages:
                     break
         finally:
             try:
-                if self._group:
-                    self.commit_group()
-                if self._since_checkpoint or self._pending is not None:
-                    self.checkpoint("shutdown")
+                if getattr(self.store, "sync_error", None) is None:  # (else nothing more is written)
+                    if self._group:
+                        self.commit_group()
+                    if self._since_checkpoint or self._pending is not None:
+                        self.checkpoint("shutdown")
+                    wait = getattr(self.store, "wait_durable", None)
+                    if wait is not None and not wait(10.0):  # the acknowledgements go out before we disconnect
+                        logger.warning("the last commits were not on disk within 10 s; the broker will "
+                                       "deliver their messages again")
             finally:
                 self.publish_health(state="stopped")
                 self.transport.stop()
+
+    def _check_sync(self) -> None:
+        """A failed fsync stops the agent: it cannot know what reached the disk (see
+        ``streamlearn.store.wal_sync``); nothing since the last good one was acknowledged."""
+        error = getattr(self.store, "sync_error", None)
+        if error is not None:
+            self.last_error = f"store: {error}"
+            raise StoreError(f"{error}; stopping. Messages not acknowledged are delivered again after a "
+                             "restart, and the inbox replays what the store holds")
 
     def step(self, timeout: float = 0.2) -> int:
         """Take one batch from the transport and process it; returns messages taken.
@@ -239,15 +256,20 @@ class Agent:
             self.commit_group()
 
     def commit_group(self) -> None:
-        """Commit the open group, then acknowledge its messages and publish its dead letters."""
+        """Commit the open group and publish its dead letters; its messages are acknowledged once
+        the commit is on disk (by the store's fsync thread, while this one goes on)."""
         if not self._group:
             return
         try:
-            self.store.commit()
+            self.store.commit(on_durable=self._acknowledge(self._group))
         except StoreError as exc:
             self._retry_group(exc)
             return
         self._after_commit()
+
+    def _acknowledge(self, batch: list[Message]) -> Any:
+        transport = self.transport
+        return lambda: transport.ack(batch)
 
     def _retry_group(self, exc: StoreError) -> None:
         """The store refused the open group: roll back, and try it again as one batch until the
@@ -268,7 +290,7 @@ class Agent:
             self._completed_in_batch = 0
             try:
                 self._group_dead = self._ingest_once(batch)
-                self.store.commit()
+                self.store.commit(on_durable=self._acknowledge(batch))
             except StoreError as again:
                 exc = again
                 continue
@@ -276,7 +298,7 @@ class Agent:
         self._after_commit()
 
     def _after_commit(self) -> None:
-        batch, dead = self._group, self._group_dead
+        dead = self._group_dead
         self._group, self._group_dead = [], []
         self._uncommitted = False
         self.counters["commits"] += 1
@@ -287,7 +309,6 @@ class Agent:
             logger.info("the store accepts writes again")
             self.last_error = None
             self.publish_health()
-        self.transport.ack(batch)
         for d in dead:
             self._publish_dead_letter(d)
 
@@ -655,6 +676,7 @@ def open_store(config: Config, fault_hook: Any = None) -> SQLiteStore:
     return SQLiteStore(
         cfg.path,
         synchronous=cfg.synchronous,
+        background_fsync=cfg.background_fsync,
         inbox_retention=cfg.inbox_retention,
         dead_letter_retention=cfg.dead_letter_retention,
         dead_letter_payload_bytes=cfg.dead_letter_payload_bytes,

@@ -346,6 +346,9 @@ class StreamConfig(_Section):
 class StoreConfig(_Section):
     path: Path = Path("streamlearn.db")
     synchronous: Literal["normal", "full"] = "full"
+    # with "full": fsync on a thread of its own after each COMMIT (messages are acknowledged after
+    # it), not inside the COMMIT on the agent's thread
+    background_fsync: bool = True
     checkpoint_every_messages: int = Field(1000, ge=1)
     checkpoint_every_seconds: PositiveFloat = 10.0
     # a checkpoint with many changed models (one per device) is written in steps, one per

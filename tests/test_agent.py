@@ -37,8 +37,11 @@ def config(store: Path, micro_batch: bool = False, step_ms: float = 2.0, batch_m
 
 
 def drain(agent: Agent) -> None:
+    """Step until nothing is left, then wait for the commits' fsync (and the acknowledgements
+    after it, which the store's fsync thread sends)."""
     while agent.step(timeout=0):
         pass
+    assert agent.store.wait_durable(10.0)
 
 
 def make(store_path: Path, micro_batch: bool = False, step_ms: float = 2.0, micro_batch_size_max: int = 8,
@@ -86,12 +89,12 @@ class FailingStore:
         self._store = store
         self.failures = failures
 
-    def commit(self) -> None:
+    def commit(self, on_durable: Any = None) -> None:
         if self.failures > 0:
             self.failures -= 1
             self._store.rollback()
             raise StoreError("database or disk is full")
-        self._store.commit()
+        self._store.commit(on_durable)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -137,6 +140,37 @@ def run_messages(agent: Agent, t: MemoryTransport, messages: list) -> None:
     drain(agent)
 
 
+def test_a_failed_fsync_stops_the_agent_with_nothing_acknowledged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the WAL's fsync fails the agent cannot know what is on disk: it acknowledges nothing
+    more, writes nothing more, and stops with the reason (its service manager restarts it; the
+    broker delivers again what was not acknowledged)."""
+    import threading
+
+    from streamlearn.store import wal_sync
+
+    def fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(wal_sync.os, "fdatasync", fdatasync)
+    cfg = config(tmp_path / "eio.db")
+    t = MemoryTransport()
+    agent = Agent(cfg, t, open_store(cfg))
+    for m in SensorSimulator(cfg.streams[0], seed=3).messages(20):
+        t.inject(m.topic, m.payload)
+    stop = threading.Event()
+    guard = threading.Timer(30.0, stop.set)  # bounds the test should the agent not stop by itself
+    guard.start()
+    try:
+        with pytest.raises(StoreError, match="fsync of .* failed: Input/output error; stopping"):
+            agent.run(stop)
+    finally:
+        guard.cancel()
+        agent.store.close()
+    assert not stop.is_set()
+    assert agent.counters["processed"] == 20 and t.acked == []
+    assert agent.status()["last_error"].startswith("store: fsync of")
+
+
 def test_batches_within_the_commit_delay_share_one_commit_and_are_acknowledged_after_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three batches arriving within ``commit_delay_ms`` of the first: their predictions go out at
@@ -162,6 +196,7 @@ def test_batches_within_the_commit_delay_share_one_commit_and_are_acknowledged_a
     assert agent.counters["commits"] == 0 and store.in_batch
     clock.advance(0.005)
     assert agent.step(timeout=0) == 0  # due: the commit fails once, the group is taken again, commits
+    assert store.wait_durable(10.0)  # and the store's fsync thread acknowledges it once on disk
     assert sorted(t.acked) == list(range(1, 10)) and agent.counters["commits"] == 1
     assert agent.counters["store_errors"] == 1 and agent.runners["boiler"].counters["learned_count"] == 9
     rows = store._conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
@@ -176,6 +211,7 @@ def test_batches_within_the_commit_delay_share_one_commit_and_are_acknowledged_a
     for m in messages[:3]:
         t0.inject(m.topic, m.payload)
     agent0.step(timeout=0)
+    assert agent0.store.wait_durable(10.0)
     assert sorted(t0.acked) == [1, 2, 3] and agent0.counters["commits"] == 1
     store.close()
     agent0.store.close()
@@ -486,6 +522,7 @@ def test_a_batch_larger_than_the_checkpoint_interval_leaves_at_most_that_interva
     for m in SensorSimulator(cfg.streams[0], devices=3, seed=5).messages(1000):
         t.inject(m.topic, m.payload)
     assert agent.step(timeout=0) == 1000  # one batch, one commit
+    assert agent.store.wait_durable(10.0)
     assert sorted(t.acked) == list(range(1, 1001))
     assert (agent.runners["boiler"].metrics_row()["batched"] > 0) == micro_batch
     last = agent.store._conn.execute("SELECT max(seq) FROM inbox").fetchone()[0]

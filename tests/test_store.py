@@ -300,3 +300,63 @@ def test_the_wal_threads_final_copy_gives_way_to_the_writer_unless_the_wal_is_pa
     assert (checkpointer.final_copies, checkpointer.final_copies_interrupted) == ((1, 0) if hard else (0, 1))
     assert [r.seq for r in store.inbox_after(0, 10)] == [1]
     store.close()
+
+
+def test_a_commit_runs_what_waits_for_it_only_after_the_fsync_threads_fsync(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlearn.store import wal_sync
+
+    real = wal_sync.os.fdatasync
+    gate = threading.Event()
+    synced: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        assert gate.wait(10)
+        real(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr(wal_sync.os, "fdatasync", fdatasync)
+    store = SQLiteStore(store_path)
+    acked: list[int] = []
+    for i in range(3):
+        store.begin()
+        store.stage([row(i)], [])
+        store.commit(on_durable=lambda i=i: acked.append(i))
+    assert acked == [] and store._syncer is not None and store._syncer.behind == 3  # the fsync is held up
+    gate.set()
+    assert store.wait_durable(10)
+    assert acked == [0, 1, 2] and 1 <= len(synced) <= 2  # commits made while one fsync ran share the next
+    store.close()
+    inline = SQLiteStore(store_path, background_fsync=False)
+    inline.begin()
+    inline.stage([row(4)], [])
+    inline.commit(on_durable=lambda: acked.append(4))
+    assert acked[-1] == 4  # the fsync was the COMMIT's own
+    inline.close()
+
+
+def test_a_failed_fsync_runs_nothing_that_waits_for_it_and_is_not_tried_again(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlearn.store import wal_sync
+
+    calls: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(wal_sync.os, "fdatasync", fdatasync)
+    store = SQLiteStore(store_path)
+    acked: list[int] = []
+    store.begin()
+    store.stage([row(1)], [])
+    store.commit(on_durable=lambda: acked.append(1))
+    assert store.wait_durable(10)
+    assert store.sync_error is not None and "Input/output error" in store.sync_error
+    store.begin()
+    store.stage([row(2)], [])
+    store.commit(on_durable=lambda: acked.append(2))
+    assert store._syncer is not None and store._syncer.behind == 1  # the second asked nothing of the disk
+    assert store.wait_durable(0)  # nothing to wait for: it failed
+    assert acked == [] and len(calls) == 1
+    store.close()

@@ -51,6 +51,7 @@ from sqlite_utils import Database
 from streamlearn.errors import StoreError, StoreLockedError
 from streamlearn.store.records import Checkpoint, DeadLetter, DriftEvent, InboxRow, SlotState
 from streamlearn.store.schema import migrations
+from streamlearn.store.wal_sync import WalSyncer
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,12 @@ class SQLiteStore:
     path
         The SQLite file (created, with its directory, when missing).
     synchronous
-        ``"full"`` fsyncs every commit (survives power loss); ``"normal"`` only
-        survives a crash of the process.
+        ``"full"``: what a commit holds is on disk before ``commit``'s ``on_durable``
+        runs (survives power loss); ``"normal"`` only survives a crash of the process.
+    background_fsync
+        With ``"full"``: the fsync runs on a thread of its own after the COMMIT
+        (:class:`~streamlearn.store.wal_sync.WalSyncer`), not inside it on the
+        caller's thread; ``on_durable`` waits for it either way.
     inbox_retention
         Inbox rows kept behind the checkpoint position, as a replay log and for
         dropping late redeliveries.
@@ -113,6 +118,7 @@ class SQLiteStore:
         self,
         path: str | Path,
         synchronous: str = "full",
+        background_fsync: bool = True,
         inbox_retention: int = 100_000,
         dead_letter_retention: int = 100_000,
         dead_letter_payload_bytes: int = 4096,
@@ -128,6 +134,10 @@ class SQLiteStore:
         self.metrics_retention_seconds = metrics_retention_seconds
         self._fault = fault_hook or (lambda point: None)
         self.synchronous = synchronous.upper()
+        background = background_fsync and self.synchronous == "FULL"
+        # the connection's own setting: with the fsync on the WalSyncer's thread, COMMIT does not sync
+        self._sync_pragma = "NORMAL" if background else self.synchronous
+        self._syncer: WalSyncer | None = None
         self._in_batch = False
         self._tx_bytes = 0  # about how much the open transaction writes, for the WalCheckpointer
         self._tx_staged = False  # it holds received messages (a batch), not only checkpoint work
@@ -151,7 +161,7 @@ class SQLiteStore:
         try:
             self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._conn.execute(f"PRAGMA synchronous={self._sync_pragma}")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.execute("PRAGMA journal_size_limit=4194304")
             # the WalCheckpointer copies the WAL from its own thread; SQLite's own checkpoint in
@@ -166,6 +176,8 @@ class SQLiteStore:
         self._tx_lock = threading.Lock()  # held from begin() to commit()/rollback(); see WalCheckpointer
         self._holding_tx_lock = False
         self._wal_checkpointer = WalCheckpointer(self.path, self._tx_lock)
+        if background:
+            self._syncer = WalSyncer(self.path.with_name(self.path.name + "-wal"))
 
     # -- lock -------------------------------------------------------------------
 
@@ -195,9 +207,11 @@ class SQLiteStore:
             self._lock_file = None
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file and release the lock."""
+        """Finish the fsyncs asked for, checkpoint the WAL into the main file and release the lock."""
         if getattr(self, "_conn", None) is None:
             return
+        if self._syncer is not None:
+            self._syncer.stop()
         self._wal_checkpointer.stop()
         try:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -274,7 +288,7 @@ class SQLiteStore:
 
     def _restore_synchronous(self, durable: bool) -> None:
         if not durable:
-            self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            self._conn.execute(f"PRAGMA synchronous={self._sync_pragma}")
 
     def stage(self, rows: list[InboxRow], dead: list[DeadLetter]) -> None:
         """Insert rows (setting their ``seq``) and dead letters into the open batch."""
@@ -332,11 +346,17 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: write failed: {exc}") from None
 
-    def commit(self) -> None:
-        """Make the batch durable; on failure everything staged is gone and StoreError is raised."""
+    def commit(self, on_durable: Callable[[], None] | None = None) -> None:
+        """Commit the batch; on failure everything staged is gone and StoreError is raised.
+
+        ``on_durable`` runs once the transaction is on disk (``synchronous = "full"``): on
+        the WalSyncer's thread after its fsync (background_fsync), else before this returns.
+        Nothing may be acknowledged to the broker before it runs.
+        """
         assert self._in_batch, "commit() needs begin()"
         steps, finishes, n_bytes, staged = self._tx_steps, self._tx_finishes, self._tx_bytes, self._tx_staged
         floor = self._tx_inbox_floor
+        durable = self._durable
         if steps:
             self._fault("checkpoint:before_commit")
         commit_started = time.perf_counter()
@@ -348,6 +368,10 @@ class SQLiteStore:
         finally:
             self._end_transaction()
         self._wal_checkpointer.wrote(n_bytes)
+        if self._syncer is not None and durable:
+            self._syncer.after(on_durable)
+        elif on_durable is not None:
+            on_durable()
         if floor is not None:
             self._inbox_floor = max(self._inbox_floor, floor)
         if steps:
@@ -361,6 +385,15 @@ class SQLiteStore:
                 self._stall_max_ms[checkpoint_id] = max(self._stall_max_ms.get(checkpoint_id, 0.0), stall)
             for checkpoint_id in finishes:
                 self._record_duration(checkpoint_id, self._stall_max_ms.pop(checkpoint_id, 0.0))
+
+    @property
+    def sync_error(self) -> str | None:
+        """Why the fsync thread stopped (nothing committed since is acknowledged), or None."""
+        return None if self._syncer is None else self._syncer.error
+
+    def wait_durable(self, timeout: float = 10.0) -> bool:
+        """Wait until every commit so far is on disk and its ``on_durable`` has run."""
+        return True if self._syncer is None else self._syncer.wait(timeout)
 
     def rollback(self) -> None:
         self._stall_max_ms = {}
@@ -571,7 +604,7 @@ class SQLiteStore:
         except sqlite3.Error as exc:  # only a figure is lost
             logger.warning("could not record the checkpoint's duration: %s", exc)
         finally:
-            self._conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            self._conn.execute(f"PRAGMA synchronous={self._sync_pragma}")
 
     def _prune(self, cur: sqlite3.Cursor, position: int, now: float) -> None:
         """What a checkpoint deletes (a few rows each); the inbox and the dead letters past their
