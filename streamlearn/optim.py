@@ -37,6 +37,8 @@ class FlatSGD:
         self.weight_decay = weight_decay
         self._buf = np.zeros(shape, dtype=F32) if momentum > 0 else None
         self._started = False
+        self._lr_of: np.ndarray | None = None  # the rates last given, and their float32 copy
+        self._lr32: np.ndarray | None = None
 
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float | np.ndarray) -> None:
         g = grads
@@ -51,7 +53,12 @@ class FlatSGD:
                 self._started = True
             g = self._buf
         if isinstance(lr, np.ndarray):
-            params -= lr * g
+            # per copy, in float32 as torch takes a float rate for a float32 tensor (and as the
+            # scalar case below); the copy is made when the rates change, not each step
+            if lr is not self._lr_of:
+                self._lr_of, self._lr32 = lr, lr.astype(F32)
+            assert self._lr32 is not None
+            params -= self._lr32 * g
         else:
             params -= F32(lr) * g
 
