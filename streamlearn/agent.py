@@ -212,6 +212,12 @@ class Agent:
         COMMIT (and fsync) makes them all durable and they are acknowledged.
         """
         batch_max = self.config.agent.batch_max
+        if not self._group and getattr(self.transport, "resync_due", False):
+            # the transport reconnects in this receive: let the fsync thread acknowledge what is
+            # committed first, or the broker sends it again
+            wait = getattr(self.store, "wait_durable", None)
+            if wait is not None:
+                wait(5.0)
         if self._group:
             wait, room = max(0.0, self._group_deadline - self.clock.monotonic()), batch_max - len(self._group)
         else:

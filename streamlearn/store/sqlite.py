@@ -680,6 +680,7 @@ class WalCheckpointer:
 
     FINAL_BYTES_MAX = 64 << 10  # at most about this much is left for the copy the agent may wait for
     HARD_BYTES = 16 << 20  # beyond this the WAL is started over even if the agent has to wait longer
+    IDLE_S = 0.5  # a writer that has not committed for this long is idle: the WAL is truncated for it
 
     def __init__(self, path: Path, tx_lock: threading.Lock, interval: float = 1.0,
                  restart_bytes: int = 4 << 20, wake_bytes: int = 1 << 20) -> None:
@@ -699,6 +700,7 @@ class WalCheckpointer:
         self._copy_state = threading.Lock()  # guards _copying and _interruptible against make_way
         self._copying = False
         self._interruptible = False
+        self._last_write = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="streamlearn-wal", daemon=True)
         self._thread.start()
 
@@ -752,11 +754,14 @@ class WalCheckpointer:
         try:
             with self._copy_state:
                 self._copying, self._interruptible = True, not hard
-            # PASSIVE, with no writer meanwhile: all of the WAL is copied, so the next
-            # transaction starts it over (and cuts the file back to journal_size_limit). Not
-            # TRUNCATE: that also waits for readers, and truncates the file to nothing, which
-            # then grows again under fsyncs that must write its new size too
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # with no writer meanwhile, all of the WAL is copied. A writer that is busy starts it
+            # over with its next transaction (cutting the file back to journal_size_limit): PASSIVE
+            # suffices, and is quicker (measured: the longest checkpoint pause with 1,000 models
+            # 6.7-36 ms against 13-47 with TRUNCATE). One that has gone idle would never begin
+            # that transaction: TRUNCATE starts it over now (it waits at most busy_timeout for
+            # readers; if one stays, the next write starts it over instead)
+            idle = time.monotonic() - self._last_write >= self.IDLE_S
+            conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if idle else 'PASSIVE'})").fetchall()
             self.final_copies += 1
         except sqlite3.OperationalError as exc:
             if not _interrupted(exc):
@@ -776,6 +781,7 @@ class WalCheckpointer:
 
     def wrote(self, n_bytes: int) -> None:
         """Called by the writer after a commit with about how much it wrote."""
+        self._last_write = time.monotonic()
         self._written += n_bytes
         self._since_copy += n_bytes
         if self._written >= self.wake_bytes:

@@ -825,6 +825,12 @@ class MqttTransport:
         """Messages received but not yet taken by the agent."""
         return len(self._queue)
 
+    @property
+    def resync_due(self) -> bool:
+        """The next ``receive`` reconnects so that the broker sends again what was shed: what the
+        agent took should be acknowledged first (else it comes again, and is dropped as seen)."""
+        return self._resync_pending and not self._queue
+
     def stats(self) -> dict[str, int | float | bool]:
         with self._tx:
             out: dict[str, int | float | bool] = dict(self._counters)
