@@ -160,7 +160,14 @@ def run(config_path: str, log_level: str | None, max_messages: int | None) -> No
         # default 5 ms GIL switch interval it waits up to 5 ms each time the agent's thread is busy
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         # a full garbage collection walks every object the imports made (~90,000, 30 ms here):
-        # the agent's p99 latency was that pause; frozen objects are not walked again
+        # the agent's p99 latency was that pause; frozen objects are not walked again. So the
+        # modules the first readings would import (river's detectors, numpy's random generators
+        # for the models' initialisation) are imported first, and frozen with the rest
+        import numpy.random  # noqa: F401
+
+        from streamlearn.monitors import import_detectors
+
+        import_detectors({d for s in config.streams for d in s.drift.detectors})
         gc.collect()
         gc.freeze()
         agent.run(stop, max_messages=max_messages)
