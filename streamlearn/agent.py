@@ -209,7 +209,7 @@ class Agent:
 
         Batches join the open commit group until it is due (``commit_delay_ms`` after its
         first message, ``batch_max`` messages, or nothing more arrived meanwhile): then one
-        COMMIT (and fsync) makes them all durable and they are acknowledged.
+        COMMIT stores them all, and they are acknowledged once it is on disk (one fsync).
         """
         batch_max = self.config.agent.batch_max
         if not self._group and getattr(self.transport, "resync_due", False):
