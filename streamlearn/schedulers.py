@@ -403,6 +403,8 @@ class Population:
         self.margin = margin
         # the copies of each kind: 0 the configured network, 1 the linear copies
         self._kinds = [np.arange(size)] + ([np.arange(size, self.population)] if linear_copies else [])
+        # the same copies as (start, slice): per step, views instead of fancy-indexed copies
+        self._kind_slices = [(int(idx[0]), slice(int(idx[0]), int(idx[-1]) + 1)) for idx in self._kinds]
         self._lrs = np.concatenate([self._grid(lr, len(idx)) for idx in self._kinds])
         self._avg = np.zeros(self.population)
         self._wins = np.zeros(self.population)
@@ -448,16 +450,19 @@ class Population:
         self._n += 1
         # a plain mean until 1/alpha samples are in, then an exponential average
         self._avg += max(self.alpha, 1.0 / self._n) * (score - self._avg)
-        for kind, idx in enumerate(self._kinds):
-            leader = int(idx[self._avg[idx].argmin()])
+        avg = self._avg
+        for kind, (start, rows) in enumerate(self._kind_slices):
+            leader = start + int(avg[rows].argmin())
             # switch the copy only when another is better by `margin` (noise is not evidence)
-            if self._avg[leader] < self._avg[self._best[kind]] * (1.0 - self.margin):
+            if avg[leader] < avg[self._best[kind]] * (1.0 - self.margin):
                 self._best[kind] = leader
             self._wins[leader] += 1
         if len(self._kinds) > 1:
-            live = learner.last_wrong.astype(float) if learner.last_wrong is not None \
-                else np.sqrt(loss) * learner.target.std  # the absolute error on the target's own scale
-            self._kind_err += max(self.kind_alpha, 1.0 / self._n) * (live[candidates] - self._kind_err)
+            # the absolute error on the target's own scale, of the candidates only (elementwise:
+            # the same values as over every copy)
+            live = learner.last_wrong[candidates].astype(float) if learner.last_wrong is not None \
+                else np.sqrt(loss[candidates]) * learner.target.std
+            self._kind_err += max(self.kind_alpha, 1.0 / self._n) * (live - self._kind_err)
             leader = int(self._kind_err.argmin())
             if self._kind_err[leader] < self._kind_err[self._kind]:
                 self._kind = leader
