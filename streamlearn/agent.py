@@ -659,6 +659,7 @@ class Agent:
             "max_checkpoint_ms": self.max_checkpoint_ms,
             "checkpoint_models_left": None if self._pending is None else self._pending.remaining,
             "checkpoint_write_ms": round(self._checkpoint_cost_s * 1000.0, 3),
+            "fsync": getattr(self.store, "sync_stats", lambda: None)(),
             "transport": transport,
             "streams": {name: {"models": len(r.slots), **r.counters} for name, r in self.runners.items()},
         }

@@ -79,6 +79,8 @@ def test_identical_readings_without_ids_count_twice_unless_redelivered(store_pat
     t.inject("s/d1/boiler", payload, dup=True)
     drain(agent)
     assert agent.counters["processed"] == 2 and agent.counters["redeliveries"] == 1
+    fsync = agent.status()["fsync"]  # the store's fsync thread: every commit is on disk and acknowledged
+    assert fsync["waiting"] == 0 and fsync["fsyncs"] >= 1
     agent.store.close()
 
 

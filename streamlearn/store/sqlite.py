@@ -391,6 +391,13 @@ class SQLiteStore:
         """Why the fsync thread stopped (nothing committed since is acknowledged), or None."""
         return None if self._syncer is None else self._syncer.error
 
+    def sync_stats(self) -> dict[str, int] | None:
+        """The fsync thread's figures for the health report (None: the COMMIT fsyncs itself):
+        fsyncs done, and commits still waiting for one (their messages not yet acknowledged)."""
+        if self._syncer is None:
+            return None
+        return {"fsyncs": self._syncer.syncs, "waiting": self._syncer.behind}
+
     def wait_durable(self, timeout: float = 10.0) -> bool:
         """Wait until every commit so far is on disk and its ``on_durable`` has run."""
         return True if self._syncer is None else self._syncer.wait(timeout)
