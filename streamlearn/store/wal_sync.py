@@ -104,11 +104,15 @@ class WalSyncer:
     def _sync(self) -> None:
         if self._fd is None:
             self._fd = os.open(self.wal_path, os.O_RDONLY)
-            directory = os.open(self.wal_path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            try:  # the WAL's directory entry, once: some file systems refuse to fsync a directory
+                directory = os.open(self.wal_path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+            except OSError as exc:
+                logger.warning("could not fsync the directory of %s (%s); its WAL is fsynced all the same",
+                               self.wal_path, exc.strerror or exc)
         os.fdatasync(self._fd)
 
     def stop(self, timeout: float = 10.0) -> None:
