@@ -39,7 +39,7 @@ from streamlearn.clock import Clock, SystemClock
 from streamlearn.codec import Codec, Reading
 from streamlearn.config import Config
 from streamlearn.dedupe import NEW, Deduper, payload_hash
-from streamlearn.errors import DecodeError, StoreError, TransportError
+from streamlearn.errors import DecodeError, StoreError, StoreSyncError, TransportError
 from streamlearn.store import DeadLetter, InboxRow, SQLiteStore, Store
 from streamlearn.stream import StreamRunner
 from streamlearn.transport import Message, Transport
@@ -201,8 +201,8 @@ class Agent:
         error = getattr(self.store, "sync_error", None)
         if error is not None:
             self.last_error = f"store: {error}"
-            raise StoreError(f"{error}; stopping. Messages not acknowledged are delivered again after a "
-                             "restart, and the inbox replays what the store holds")
+            raise StoreSyncError(f"{error}; stopping. Messages not acknowledged are delivered again after a "
+                                 "restart, and the inbox replays what the store holds")
 
     def step(self, timeout: float = 0.2) -> int:
         """Take one batch from the transport and process it; returns messages taken.

@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 
 import click
 
-from streamlearn.errors import StreamlearnError
+from streamlearn.errors import StoreSyncError, StreamlearnError
 
 F = TypeVar("F", bound=Callable[..., Any])
+EXIT_RESTART = 75  # EX_TEMPFAIL: the agent stopped on a fault that a restart recovers from
 SWITCH_INTERVAL_S = 0.0005  # GIL switch interval of a running agent (see run)
 logger = logging.getLogger("streamlearn")
 
@@ -170,7 +171,12 @@ def run(config_path: str, log_level: str | None, max_messages: int | None) -> No
         import_detectors({d for s in config.streams for d in s.drift.detectors})
         gc.collect()
         gc.freeze()
-        agent.run(stop, max_messages=max_messages)
+        try:
+            agent.run(stop, max_messages=max_messages)
+        except StoreSyncError as exc:
+            # not a config error: a restart (systemd's Restart=on-failure) is what recovers
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_RESTART)
         logger.info("stopped: %s", agent.status())
     finally:
         store.close()

@@ -6,12 +6,14 @@
     ├── ConfigError                the TOML config is missing, unreadable or invalid
     ├── DecodeError                a payload cannot become a Reading (carries a reason code)
     ├── StoreError                 the SQLite store cannot be opened, migrated or written
-    │   └── StoreLockedError       another agent holds the store
+    │   ├── StoreLockedError       another agent holds the store
+    │   └── StoreSyncError         an fsync of the WAL failed: stop, and start again
     ├── TransportError             the broker cannot be reached or refused us
     └── BrokerError                an embedded broker could not be started
 
 The CLI turns every ``StreamlearnError`` into one line on stderr and a non-zero
-exit code; anything else is a bug and keeps its traceback.
+exit code (1; 75 for a ``StoreSyncError``, which a restart is the cure for);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class StoreError(StreamlearnError):
 
 class StoreLockedError(StoreError):
     """Another process already runs an agent on this store."""
+
+
+class StoreSyncError(StoreError):
+    """An fsync of the store's WAL failed: what reached the disk is unknown, so the agent stops
+    (a restart recovers from what the store holds; the broker resends what was not acknowledged)."""
 
 
 class TransportError(StreamlearnError):

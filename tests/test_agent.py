@@ -12,7 +12,7 @@ import pytest
 from streamlearn.agent import Agent, open_store
 from streamlearn.clock import ManualClock
 from streamlearn.config import Config, parse_config
-from streamlearn.errors import ConfigError, StoreError
+from streamlearn.errors import ConfigError, StoreError, StoreSyncError
 from streamlearn.sim import SensorSimulator
 from streamlearn.store import SQLiteStore
 from streamlearn.transport.memory import MemoryTransport
@@ -163,7 +163,7 @@ def test_a_failed_fsync_stops_the_agent_with_nothing_acknowledged(tmp_path: Path
     guard = threading.Timer(30.0, stop.set)  # bounds the test should the agent not stop by itself
     guard.start()
     try:
-        with pytest.raises(StoreError, match="fsync of .* failed: Input/output error; stopping"):
+        with pytest.raises(StoreSyncError, match="fsync of .* failed: Input/output error; stopping"):
             agent.run(stop)
     finally:
         guard.cancel()

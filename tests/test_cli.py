@@ -147,3 +147,28 @@ def test_plot_writes_one_png_per_stream(drifted_store: Path, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     png = tmp_path / "plots" / "boiler.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_run_exits_75_on_a_failed_fsync_so_the_service_manager_restarts_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config error exits 1, which the shipped systemd unit does not restart; a failed fsync of
+    the store's WAL stops the agent with 75 (EX_TEMPFAIL), which it does."""
+    import gc
+    import sys
+
+    from streamlearn.errors import StoreSyncError
+
+    def failing_run(self: Agent, stop: object, max_messages: int | None = None) -> None:
+        raise StoreSyncError("fsync of s.db-wal failed: Input/output error; stopping")
+
+    monkeypatch.setattr(Agent, "run", failing_run)
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # (the command's settings for a whole process)
+    monkeypatch.setattr(sys, "setswitchinterval", lambda interval: None)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[store]\npath = "{tmp_path / "s.db"}"\n[[streams]]\nname = "s"\ntopic = "a/+"\n'
+                      'features = ["x"]\nlabel = { field = "y" }\n')
+    result = CliRunner().invoke(main, ["run", "-c", str(config)])
+    assert result.exit_code == 75, result.output
+    assert "fsync of s.db-wal failed" in result.output and "Traceback" not in result.output
+    unit = (ROOT / "deploy/systemd/streamlearn.service").read_text()
+    assert "Restart=on-failure" in unit and "RestartPreventExitStatus=1 2\n" in unit
