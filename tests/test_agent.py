@@ -656,3 +656,29 @@ def test_health_is_reported_on_mqtt_and_next_to_the_store(tmp_path: Path) -> Non
     on_disk = orjson.loads((tmp_path / "h.db.health.json").read_bytes())
     assert on_disk["state"] == "ok" and on_disk["position"] == 5
     store.close()
+
+
+def test_before_a_receive_that_reconnects_the_agent_lets_what_is_committed_be_acknowledged(store_path: Path) -> None:
+    """The transport reconnects (to get back what it shed) in the receive after it reports
+    ``resync_due``; what the agent committed must be acknowledged before, or it comes again."""
+    agent, t, cfg = make(store_path)
+    for m in SensorSimulator(cfg.streams[0], seed=5).messages(5):
+        t.inject(m.topic, m.payload)
+    assert agent.step(timeout=0) == 5
+    agent.commit_group()
+    waits: list[list[int]] = []
+    real_wait = agent.store.wait_durable
+
+    def wait_durable(timeout: float = 10.0) -> bool:
+        done = real_wait(timeout)
+        waits.append(list(t.acked))
+        return done
+
+    agent.store.wait_durable = wait_durable  # type: ignore[method-assign]
+    t.resync_due = False  # type: ignore[attr-defined]
+    agent.step(timeout=0)
+    assert waits == []  # no reconnect coming: the agent does not wait for the disk
+    t.resync_due = True  # type: ignore[attr-defined]
+    agent.step(timeout=0)
+    assert waits == [[1, 2, 3, 4, 5]]  # waited, and everything committed was acknowledged by then
+    agent.store.close()
