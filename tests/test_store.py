@@ -243,65 +243,6 @@ def test_the_wal_is_copied_off_the_writer_and_starts_over(store_path: Path) -> N
     store.close()
 
 
-class _SlowCopy:
-    """A stand-in for the WAL thread's connection whose checkpoint runs until it is interrupted
-    (or released): a final copy that would otherwise stall the writer for its whole length."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.stop = threading.Event()
-        self.interrupts = 0
-
-    def execute(self, sql: str) -> _SlowCopy:
-        assert sql == "PRAGMA wal_checkpoint(PASSIVE)"
-        self.started.set()
-        if not self.stop.wait(30):
-            raise AssertionError("the copy was neither interrupted nor released")
-        if self.interrupts:
-            raise sqlite3.OperationalError("interrupted")
-        return self
-
-    def fetchall(self) -> list[tuple[int, int, int]]:
-        return [(0, 0, 0)]
-
-    def interrupt(self) -> None:
-        self.interrupts += 1
-        self.stop.set()
-
-
-@pytest.mark.parametrize("hard", [False, True])
-def test_the_wal_threads_final_copy_gives_way_to_the_writer_unless_the_wal_is_past_its_limit(
-        store_path: Path, hard: bool) -> None:
-    store = SQLiteStore(store_path)
-    checkpointer = store._wal_checkpointer
-    checkpointer.stop()  # its thread: this test plays it, with a copy that lasts until told
-    slow = _SlowCopy()
-    checkpointer._conn = slow  # type: ignore[assignment]
-    copy = threading.Thread(target=checkpointer._final_copy, args=(slow, hard))
-    copy.start()
-    assert slow.started.wait(10)
-    began = threading.Event()
-
-    def write() -> None:
-        store.begin()
-        began.set()
-        store.stage([row(1)], [])
-        store.commit()
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    if hard:
-        assert not began.wait(0.3), "the writer went ahead of a copy it must wait for"
-        assert slow.interrupts == 0
-        slow.stop.set()
-    assert began.wait(10)
-    writer.join(10)
-    copy.join(10)
-    assert (checkpointer.final_copies, checkpointer.final_copies_interrupted) == ((1, 0) if hard else (0, 1))
-    assert [r.seq for r in store.inbox_after(0, 10)] == [1]
-    store.close()
-
-
 def test_a_commit_runs_what_waits_for_it_only_after_the_fsync_threads_fsync(
         store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from streamlearn.store import wal_sync

@@ -22,8 +22,7 @@ Durability rules this module keeps:
   by default, would copy it all and fsync the file inside whichever commit
   crossed the threshold: a pause of 10-50 ms on the message path. It stays on at
   32 MiB, as a backstop should the thread fall behind. The WAL is truncated back
-  to 4 MiB when it starts over (``journal_size_limit``). The thread's last copy,
-  which must hold off the writer, gives way as soon as the writer wants in.
+  to 4 MiB when it starts over (``journal_size_limit``).
 * Tensors are stored with safetensors, small state as JSON: loading a store never
   unpickles anything.
 * One process at a time: an exclusive ``flock`` on ``<store>.lock``.
@@ -260,10 +259,7 @@ class SQLiteStore:
         """Open the batch transaction (``durable=False``: commit it without an fsync)."""
         if self._in_batch:
             raise StoreError(f"{self.path}: a transaction is already open")
-        if not self._tx_lock.acquire(blocking=False):
-            # the WAL thread's final copy holds it: it gives way (unless the WAL is past its hard limit)
-            self._wal_checkpointer.make_way()
-            self._tx_lock.acquire()
+        self._tx_lock.acquire()
         self._holding_tx_lock = True
         if not durable:
             self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -645,10 +641,6 @@ class SQLiteStore:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
-def _interrupted(exc: sqlite3.Error) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and "interrupt" in str(exc)
-
-
 class WalCheckpointer:
     """Copies the WAL into the main database file from a thread of its own.
 
@@ -660,14 +652,9 @@ class WalCheckpointer:
     stream of commits a concurrent checkpoint rarely ends with nothing left. So
     once the WAL holds ``restart_bytes``, the thread copies the bulk first, then
     takes ``tx_lock`` (the store holds it from BEGIN to COMMIT), so that no
-    transaction starts meanwhile, and copies the rest: the next transaction starts
-    the WAL over. That copy gives way to the writer: it is interrupted as soon as
-    the store wants to begin a transaction (``make_way``): on this disk the copy took
-    1-40 ms, all of it a stall of the messages waiting. Interrupted, it is tried
-    again later; most are not (the agent's transactions are short, the copy of a
-    WAL already copied but for its last frames quick). Only past ``HARD_BYTES`` (a
-    writer that never paused: a long flood) the copy is not interrupted, and the
-    writer waits for it.
+    transaction starts meanwhile, and copies the last few frames (at most about
+    ``FINAL_BYTES_MAX``): the agent waits for that small copy only, and its next
+    transaction starts the WAL over.
 
     Parameters
     ----------
@@ -687,7 +674,6 @@ class WalCheckpointer:
 
     FINAL_BYTES_MAX = 64 << 10  # at most about this much is left for the copy the agent may wait for
     HARD_BYTES = 16 << 20  # beyond this the WAL is started over even if the agent has to wait longer
-    IDLE_S = 0.5  # a writer that has not committed for this long is idle: the WAL is truncated for it
 
     def __init__(self, path: Path, tx_lock: threading.Lock, interval: float = 1.0,
                  restart_bytes: int = 4 << 20, wake_bytes: int = 1 << 20) -> None:
@@ -701,13 +687,6 @@ class WalCheckpointer:
         self._since_copy = 0  # written since the last checkpoint began
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.final_copies = 0
-        self.final_copies_interrupted = 0
-        self._conn: sqlite3.Connection | None = None
-        self._copy_state = threading.Lock()  # guards _copying and _interruptible against make_way
-        self._copying = False
-        self._interruptible = False
-        self._last_write = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="streamlearn-wal", daemon=True)
         self._thread.start()
 
@@ -716,7 +695,6 @@ class WalCheckpointer:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             page = int(conn.execute("PRAGMA page_size").fetchone()[0])
             conn.execute("PRAGMA busy_timeout=20")  # the final copy holds the writer's lock meanwhile
-            self._conn = conn
         except sqlite3.Error as exc:
             logger.error("the WAL checkpointer cannot open %s (the agent's own commits will copy the WAL): %s",
                          self.path, exc)
@@ -737,58 +715,33 @@ class WalCheckpointer:
                             break  # small, or a reader still needs old frames: nothing to start over
                         # the agent writing back to back (a checkpoint of many models with no
                         # message waiting) never leaves little: past HARD_BYTES, it waits longer
-                        hard = frames * page >= self.HARD_BYTES
-                        if self._since_copy <= self.FINAL_BYTES_MAX or hard:
-                            self._final_copy(conn, hard)
+                        if self._since_copy <= self.FINAL_BYTES_MAX or frames * page >= self.HARD_BYTES:
+                            self._final_copy(conn)
                             break
                     if failing:
                         logger.info("the WAL checkpointer works again")
                         failing = False
                 except sqlite3.Error as exc:  # a full disk: the WAL keeps the data, try again later
-                    if _interrupted(exc):
-                        continue  # a make_way that came as the final copy ended: copied again later
                     if not failing:
                         logger.warning("WAL checkpoint of %s failed (retrying): %s", self.path, exc)
                         failing = True
         finally:
             conn.close()
 
-    def _final_copy(self, conn: sqlite3.Connection, hard: bool) -> None:
-        """Copy what the agent wrote since, with no transaction of its under way; a transaction
-        the store wants to begin meanwhile interrupts it, unless ``hard``."""
+    def _final_copy(self, conn: sqlite3.Connection) -> None:
+        """Copy what the agent wrote since, with no transaction of its under way."""
         if not self.tx_lock.acquire(timeout=1.0):
             return
         try:
-            with self._copy_state:
-                self._copying, self._interruptible = True, not hard
-            # with no writer meanwhile, all of the WAL is copied. A writer that is busy starts it
-            # over with its next transaction (cutting the file back to journal_size_limit): PASSIVE
-            # suffices, and does not wait for readers while it holds the writer off (in alternated
-            # in-process runs with 1,000 models it did not differ from TRUNCATE beyond the noise).
-            # One that has gone idle would never begin that transaction: TRUNCATE starts it over
-            # now (it waits at most busy_timeout for readers; if one stays, the next write does)
-            idle = time.monotonic() - self._last_write >= self.IDLE_S
-            conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if idle else 'PASSIVE'})").fetchall()
-            self.final_copies += 1
-        except sqlite3.OperationalError as exc:
-            if not _interrupted(exc):
-                raise
-            self.final_copies_interrupted += 1
+            # TRUNCATE: with no writer, copy the rest and start the WAL over now (an agent that has
+            # gone idle would never begin the transaction that does it); it waits at most
+            # busy_timeout for readers, and if one stays, the next write starts it over instead
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         finally:
-            with self._copy_state:
-                self._copying = False
             self.tx_lock.release()
-
-    def make_way(self) -> None:
-        """The writer wants ``tx_lock`` while this thread holds it: interrupt the final copy (SQLite
-        stops it between pages; an fsync under way ends first). Not one past ``HARD_BYTES``."""
-        with self._copy_state:
-            if self._copying and self._interruptible and self._conn is not None:
-                self._conn.interrupt()
 
     def wrote(self, n_bytes: int) -> None:
         """Called by the writer after a commit with about how much it wrote."""
-        self._last_write = time.monotonic()
         self._written += n_bytes
         self._since_copy += n_bytes
         if self._written >= self.wake_bytes:

@@ -67,7 +67,8 @@ class WalSyncer:
             self._cond.notify()
 
     def wait(self, timeout: float) -> bool:
-        """Wait until every fsync asked for is done (or has failed); False on timeout."""
+        """Wait until every fsync asked for is done and what waited for it has run (or an fsync
+        failed); False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self._done >= self._requested or self.error is not None, timeout)
 
@@ -92,15 +93,15 @@ class WalSyncer:
                 logger.error("%s: %d commits are not acknowledged (the broker delivers them again)",
                              self.error, target - self._done)
                 return
-            with self._cond:
-                self._done = target
-                self.syncs += 1
-                self._cond.notify_all()
+            self.syncs += 1
             for callback in callbacks:
                 try:
                     callback()
                 except Exception:  # an acknowledgement that failed: the broker delivers it again
                     logger.exception("what waited for the fsync of %s failed", self.wal_path)
+            with self._cond:  # done only now, so that wait() returns once the callbacks have run
+                self._done = target
+                self._cond.notify_all()
 
     def _sync(self) -> None:
         if self._fd is None:
