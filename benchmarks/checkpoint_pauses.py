@@ -28,21 +28,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from streamlearn.bench.common import agent_config, make_messages
-from streamlearn.bench.stages import checkpoint_stalls
+from streamlearn.bench.common import make_messages
+from streamlearn.bench.stages import _make_agent, checkpoint_stalls
+
 
 def long_running_store(workdir: Path, readings: int) -> dict[str, Any]:
-    from streamlearn.agent import Agent, open_store
-    from streamlearn.config import parse_config
-    from streamlearn.transport.memory import MemoryTransport
-
     store_path = workdir / "long.db"
-    cfg = parse_config(agent_config(store_path, 1883, "ckp", "streamlearn-ckp"))
+    agent, transport = _make_agent(store_path)  # the benchmarks' agent: shipped defaults, one stream
+    cfg = agent.config
     retention = cfg.store.inbox_retention
-    transport = MemoryTransport()
-    agent = Agent(cfg, transport, open_store(cfg))
-    agent.recover()
-    transport.start(agent.codec.subscriptions)
     messages = make_messages(retention + readings, 1, boot="long")
     for i in range(0, retention, 512):
         for topic, payload in messages[i:min(i + 512, retention)]:
