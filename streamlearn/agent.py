@@ -288,7 +288,7 @@ class Agent:
                 self.store.rollback()
             if self._uncommitted:  # learned from rows that are not stored: start again from the store
                 self._reload()
-            if self._stop.wait(delay):
+            if self._pause(delay):
                 self._group, self._group_dead = [], []
                 raise StoreError(f"stopped while the store refused writes: {exc}") from None
             delay = min(delay * 2, 5.0)
@@ -302,6 +302,14 @@ class Agent:
                 continue
             break
         self._after_commit()
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` (True once the agent is stopped); a transport whose network loop
+        runs on this thread keeps its connection going meanwhile."""
+        pump_for = getattr(self.transport, "pump_for", None)
+        if pump_for is not None:
+            return bool(pump_for(seconds, self._stop))
+        return self._stop.wait(seconds)
 
     def _after_commit(self) -> None:
         dead = self._group_dead

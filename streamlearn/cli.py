@@ -155,10 +155,12 @@ def run(config_path: str, log_level: str | None, max_messages: int | None) -> No
     store = open_store(config, fault_hook=fault_hook(os.environ.get("STREAMLEARN_FAULT")))
     try:
         status_topic = f"{config.mqtt.topic_prefix}/{config.agent.gateway}/status"
-        transport = MqttTransport(config.mqtt, config.client_id, status_topic)
+        transport = MqttTransport(config.mqtt, config.client_id, status_topic,
+                                  network_loop=config.mqtt.network_loop)
         agent = Agent(config, transport, store)
-        # paho's network thread writes our predictions and reads the next readings; with the
-        # default 5 ms GIL switch interval it waits up to 5 ms each time the agent's thread is busy
+        # the store's fsync thread (and, with mqtt.network_loop = "thread", paho's network thread,
+        # which writes our predictions and reads the next readings): with the default 5 ms GIL
+        # switch interval each waits up to 5 ms each time the agent's thread is busy
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         # a full garbage collection walks every object the imports made (~90,000, 30 ms here):
         # the agent's p99 latency was that pause; frozen objects are not walked again. So the

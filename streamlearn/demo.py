@@ -131,7 +131,8 @@ def _run(console: Console, workdir: Path, messages: int, rate: float, host: str,
     watcher.loop_start()
 
     store = open_store(config)
-    transport = MqttTransport(config.mqtt, config.client_id, "streamlearn/demo/status")
+    transport = MqttTransport(config.mqtt, config.client_id, "streamlearn/demo/status",
+                              network_loop=config.mqtt.network_loop)
     agent = Agent(config, transport, store)
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), name="agent", daemon=True)

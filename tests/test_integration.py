@@ -38,8 +38,11 @@ def start_agent(tmp_path: Path, data: dict, port: int) -> tuple[AgentProcess, Co
     return agent, status
 
 
-def test_every_reading_gets_one_prediction_and_the_model_learns(broker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("network_loop", ["thread", "agent"])
+def test_every_reading_gets_one_prediction_and_the_model_learns(broker, tmp_path: Path, network_loop: str) -> None:
     data = base_config(tmp_path / "s.db", broker.port)
+    data["mqtt"]["network_loop"] = network_loop
+    data["mqtt"]["client_id"] = f"every-{network_loop}"
     cfg = parse_config(data)
     sim = SensorSimulator(cfg.streams[0], devices=4, seed=1, bad_every=50)
     messages = list(sim.messages(3000))
@@ -48,7 +51,7 @@ def test_every_reading_gets_one_prediction_and_the_model_learns(broker, tmp_path
     assert len(bad) == 60
 
     predictions = Collector(broker.port, ["streamlearn/gw/+/+/prediction", "streamlearn/gw/dead-letter"],
-                            client_id="pred-collector")
+                            client_id=f"pred-collector-{network_loop}")
     agent, status = start_agent(tmp_path, data, broker.port)
     try:
         pub = Publisher("127.0.0.1", broker.port)
@@ -107,11 +110,13 @@ def publish_in_background(port: int, messages: list[SimMessage], rate: float) ->
     return thread, progress
 
 
-@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_restart_by_sigterm_and_kill9_learns_every_reading_exactly_once(broker, tmp_path: Path, protocol: str) -> None:
+@pytest.mark.parametrize(("protocol", "network_loop"), [("5", "thread"), ("3.1.1", "thread"), ("5", "agent")])
+def test_restart_by_sigterm_and_kill9_learns_every_reading_exactly_once(broker, tmp_path: Path, protocol: str,
+                                                                       network_loop: str) -> None:
     data = base_config(tmp_path / "s.db", broker.port)
     data["mqtt"]["protocol"] = protocol
-    data["mqtt"]["client_id"] = f"restart-{protocol}"
+    data["mqtt"]["network_loop"] = network_loop
+    data["mqtt"]["client_id"] = f"restart-{protocol}-{network_loop}"
     cfg = parse_config(data)
     readings = list(SensorSimulator(cfg.streams[0], devices=3, seed=2).messages(4000))
 

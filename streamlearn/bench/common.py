@@ -90,19 +90,23 @@ def agent_config(store: Path, port: int, gateway: str, client_id: str, **overrid
 
     Only what a benchmark must set differs from the defaults: broker, client id,
     gateway (unique per run, so topics of runs never mix) and the store path.
-    ``overrides``: settings of a what-if variant, store settings by name, agent settings
-    as ``agent.<name>`` (``agent.micro_batch_backlog``).
+    ``overrides``: settings of a what-if variant, store settings by name, agent and MQTT
+    settings as ``agent.<name>`` (``agent.micro_batch_backlog``) and ``mqtt.<name>``
+    (``mqtt.network_loop``).
     """
     agent: dict[str, Any] = {"gateway": gateway}
+    mqtt: dict[str, Any] = {"host": "127.0.0.1", "port": port, "client_id": client_id}
     store_keys: dict[str, Any] = {}
     for key, value in overrides.items():
         if key.startswith("agent."):
             agent[key.removeprefix("agent.")] = value
+        elif key.startswith("mqtt."):
+            mqtt[key.removeprefix("mqtt.")] = value
         else:
             store_keys[key] = value
     return {
         "agent": agent,
-        "mqtt": {"host": "127.0.0.1", "port": port, "client_id": client_id},
+        "mqtt": mqtt,
         "store": {"path": str(store), **store_keys},
         "streams": [{
             "name": STREAM,

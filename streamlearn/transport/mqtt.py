@@ -102,6 +102,9 @@ class _PahoLog:
         return getattr(self._log, name)
 
 
+NETWORK_LOOPS = ("thread", "agent")
+
+
 class MqttTransport:
     """paho-mqtt client owned by the agent.
 
@@ -127,16 +130,25 @@ class MqttTransport:
     instance_topic
         Retained topic of the instance marker (default ``<status_topic>/instance``;
         ``""`` turns the marker off).
+    network_loop
+        ``"thread"``: paho's own network thread reads and writes the socket, and
+        reconnects (any thread may publish). ``"agent"``: the thread that calls
+        ``start()`` runs the network loop itself, inside ``receive()``, ``drain()`` and
+        a publish waiting for room; it alone may publish (acknowledgements from other
+        threads are handed to it). No second thread contends for the GIL, and a
+        prediction is written to the socket by the call that publishes it.
     """
 
     def __init__(
         self, config: MqttConfig, client_id: str, status_topic: str, *,
         publish_window: int = 1000, publish_timeout: float = 10.0, stop_timeout: float = 5.0,
         lock_dir: str | Path | None = None, lock: bool = True, instance_topic: str | None = None,
-        max_backlog_bytes: int = 32 * 1024 * 1024,
+        max_backlog_bytes: int = 32 * 1024 * 1024, network_loop: str = "thread",
     ) -> None:
         if publish_window < 1:
             raise ValueError("publish_window must be at least 1")
+        if network_loop not in NETWORK_LOOPS:
+            raise ValueError(f"network_loop must be one of {NETWORK_LOOPS}, not {network_loop!r}")
         paho_speedups.install()
         self.config = config
         self.client_id = client_id
@@ -211,6 +223,14 @@ class MqttTransport:
         self._last_flap_warning = 0.0
         self._warned_instances: set[str] = set()
         self._own_marker_seen = False
+        # network_loop = "agent": the loop runs on the thread that started us
+        self.network_loop = network_loop
+        self._inline = network_loop == "agent"
+        self._loop_ident: int | None = None
+        self._in_loop = False  # inside paho's loop (its callbacks): never pump again, never wait
+        self._acks_waiting: collections.deque[list[Message]] = collections.deque()  # from other threads
+        self._reconnect_at = 0.0
+        self._reconnect_delay = float(config.reconnect_min_delay)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -280,7 +300,11 @@ class MqttTransport:
         self.started_at = time.time()  # in the instance marker: the newer agent keeps a shared client id
         client = self._ensure_client()
         self._connect_async(client)
-        client.loop_start()
+        if self._inline:  # the first pump() connects
+            self._loop_ident = threading.get_ident()
+            self._reconnect_at = 0.0
+        else:
+            client.loop_start()
         logger.info(
             "connecting to %s:%d as %r (MQTT %s)",
             self.config.host, self.config.port, self.client_id, self.config.protocol,
@@ -303,11 +327,20 @@ class MqttTransport:
         """Messages we do not queue come back on the next connection only if the broker keeps the session."""
         return self.max_backlog_bytes > 0 and (self.config.protocol != "5" or self.config.session_expiry > 0)
 
+    def _runs_loop_here(self) -> bool:
+        """network_loop = "agent" and this is its thread (outside paho's callbacks): waiting
+        means running the loop."""
+        return self._inline and threading.get_ident() == self._loop_ident and not self._in_loop
+
     def wait_connected(self, timeout: float) -> bool:
+        if self._runs_loop_here():
+            return self._pump_until(self._connected.is_set, timeout)
         return self._connected.wait(timeout)
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Wait until the broker acknowledged the subscriptions of the current connection."""
+        if self._runs_loop_here():
+            return self._pump_until(self._subscribed.is_set, timeout) and self._connected.is_set()
         return self._subscribed.wait(timeout) and self._connected.is_set()
 
     def stop(self) -> None:
@@ -329,8 +362,12 @@ class MqttTransport:
                                    self.outstanding())
             elif self.outstanding() and not self.fatal_error:
                 logger.warning("stopping while disconnected: %d publishes not delivered", self.outstanding())
+            self._disconnected.clear()
             client.disconnect()
-            client.loop_stop()
+            if not self._inline:
+                client.loop_stop()
+            elif self._runs_loop_here() and client.socket() is not None:  # (else nothing to write it to)
+                self._pump_until(self._disconnected.is_set, 1.0)
         finally:
             self._client = None
             self._state = "stopped"
@@ -366,6 +403,7 @@ class MqttTransport:
                 client.disconnect()
                 return
             self._connected_at = time.monotonic()
+            self._reconnect_delay = float(self.config.reconnect_min_delay)
             self._counters["connects"] += 1
             self.session_present = bool(flags.session_present)
             self.last_error = None
@@ -643,8 +681,18 @@ class MqttTransport:
             # the agent took (and, between batches, acknowledged) everything we held: nothing of
             # ours goes stale, and the broker sends again what we left unacknowledged
             self._resync()
+        if self._inline:
+            self._pump_until(lambda: bool(self._queue) or bool(self.fatal_error), timeout)
+            # and what else the socket holds (paho reads one packet a turn when nothing of ours is
+            # in flight), up to the batch asked for
+            got = len(self._queue)
+            while 0 < got < max_messages and not self.fatal_error:
+                self.pump(0.0)
+                if len(self._queue) == got:
+                    break
+                got = len(self._queue)
         with self._rx:
-            if not self._queue and timeout > 0:
+            if not self._queue and timeout > 0 and not self._inline:
                 self._rx.wait_for(lambda: bool(self._queue) or bool(self.fatal_error), timeout)
             out: list[Message] = []
             q = self._queue
@@ -662,6 +710,92 @@ class MqttTransport:
                             del self._stale[(m.topic, m.payload)]
                 out.append(m)
         return out
+
+    # -- network_loop = "agent": the loop on the caller's thread ------------------------
+
+    def pump(self, timeout: float) -> None:
+        """Run the network loop once on this thread: write the acknowledgements handed over by
+        other threads, read and write what the socket has (waiting at most ``timeout`` s for
+        something to happen), keep the connection alive, reconnect after the back-off."""
+        if not self._inline:
+            raise RuntimeError("pump() is for network_loop = 'agent'; paho's thread runs this loop")
+        if threading.get_ident() != self._loop_ident:
+            raise RuntimeError("pump() runs on the thread that started the transport")
+        client = self._client
+        if client is None or self._state != "started" or self.fatal_error or self._in_loop:
+            return
+        self._flush_acks()
+        if client.socket() is None:
+            if self._stopping:
+                return
+            wait = self._reconnect_at - time.monotonic()
+            if wait > 0:
+                if timeout > 0:
+                    # the back-off: nothing can arrive without a connection (acknowledgements handed
+                    # over meanwhile are of the lost one, and skipped when written)
+                    time.sleep(min(timeout, wait))
+                return
+            self._connect_now(client)
+            timeout = 0.0  # read the CONNACK if it is there; the caller comes back for the rest
+            if client.socket() is None:
+                return
+        self._in_loop = True
+        try:
+            rc = client.loop(timeout)
+        finally:
+            self._in_loop = False
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and client.socket() is None and not self._stopping:
+            self._schedule_reconnect()  # paho closed the socket (and ran on_disconnect)
+
+    def _pump_until(self, done: Any, timeout: float) -> bool:
+        """Pump until ``done()`` or ``timeout`` s passed (at least once); returns ``done()``."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        self.pump(0.0)
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.fatal_error or self._client is None:
+                break
+            self.pump(min(left, 1.0))
+        return bool(done())
+
+    def pump_for(self, seconds: float, stop: threading.Event) -> bool:
+        """Keep the connection going for ``seconds`` (the agent waiting out a store error);
+        True once ``stop`` is set. With paho's own thread this is ``stop.wait(seconds)``."""
+        if not self._inline or self._client is None:
+            return stop.wait(seconds)
+        self._pump_until(stop.is_set, seconds)
+        return stop.is_set()
+
+    def _connect_now(self, client: mqtt.Client) -> None:
+        try:
+            client.reconnect()  # to what connect_async named; on_connect runs once the CONNACK is read
+        except OSError as exc:
+            self._on_connect_fail(client, None)
+            logger.debug("connect failed: %s", exc)
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        """The next attempt after the back-off, doubled each time up to reconnect_max_delay
+        (back to reconnect_min_delay once connected), as paho's own loop does."""
+        self._reconnect_at = time.monotonic() + self._reconnect_delay
+        self._reconnect_delay = min(2 * self._reconnect_delay, float(self.config.reconnect_max_delay))
+
+    def _flush_acks(self) -> None:
+        while self._acks_waiting:
+            self._ack_now(self._acks_waiting.popleft())
+
+    def _poke(self) -> None:
+        """Wake the loop thread from its select() to write the acknowledgements handed over."""
+        client = self._client
+        wake = getattr(client, "_sockpairW", None)  # paho's own wake-up socket (what publish() writes to)
+        if wake is None:
+            return  # no loop has run yet: the first one writes them
+        try:
+            wake.send(b"\0")
+        except BlockingIOError:
+            logger.debug("wake-up socket full: the loop thread is woken already")
+        except OSError as exc:  # closed by a reconnect under way: its loop picks the acks up
+            logger.debug("could not wake the network loop: %s", exc)
 
     def _resync(self) -> None:
         """Reconnect (a normal DISCONNECT: no last will) so the broker resends what we shed."""
@@ -688,8 +822,14 @@ class MqttTransport:
             client.disconnect()
             # paho calls on_disconnect once it wrote the DISCONNECT, after the PUBACKs queued before it;
             # stopping the loop earlier drops them, and the broker sends those messages again
-            if not self._disconnected.wait(5.0):
+            seen = (self._pump_until(self._disconnected.is_set, 5.0) if self._inline
+                    else self._disconnected.wait(5.0))
+            if not seen:
                 logger.warning("the broker did not see our DISCONNECT within 5 s; reconnecting anyway")
+            if self._inline:
+                self._connect_async(client)
+                self._connect_now(client)
+                return
             client.loop_stop()
             # loop_start() makes a new wake-up socket pair without closing the old one (paho 2.2)
             reset = getattr(client, "_reset_sockets", None)
@@ -702,6 +842,16 @@ class MqttTransport:
 
     def ack(self, messages: list[Message]) -> None:
         """Acknowledge committed messages; those of an earlier connection are skipped (redelivered)."""
+        client = self._client
+        if client is None or self.fatal_error:
+            return
+        if self._inline and threading.get_ident() != self._loop_ident:
+            self._acks_waiting.append(messages)  # the loop thread writes them (and checks the connection then)
+            self._poke()
+            return
+        self._ack_now(messages)
+
+    def _ack_now(self, messages: list[Message]) -> None:
         client = self._client
         if client is None or self.fatal_error:
             return
@@ -723,6 +873,11 @@ class MqttTransport:
         PUBACK (never on paho's thread, never before ``start()``), then drops."""
         if self._state == "stopped" or self.fatal_error:
             return self._drop()
+        if self._inline:
+            if threading.get_ident() != self._loop_ident and self._state == "started":
+                raise RuntimeError("with network_loop = 'agent' only the thread that started the transport "
+                                   "may publish")
+            return self._send(topic, payload, qos, retain, wait=not self._in_loop)
         return self._send(topic, payload, qos, retain, wait=threading.get_ident() != self._net_ident)
 
     def _publish_nowait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
@@ -753,10 +908,17 @@ class MqttTransport:
                 if can_wait:
                     self._counters["publish_waits"] += 1
                     t0 = time.monotonic()
-                    self._tx.wait_for(
-                        lambda: self._outstanding <= self._resume_level or self._stopping or bool(self.fatal_error),
-                        self.publish_timeout,
-                    )
+                    def room() -> bool:
+                        return self._outstanding <= self._resume_level or self._stopping or bool(self.fatal_error)
+
+                    if self._inline and self._state == "started":  # the PUBACKs come in through our own loop
+                        self._tx.release()
+                        try:
+                            self._pump_until(room, self.publish_timeout)
+                        finally:
+                            self._tx.acquire()
+                    else:
+                        self._tx.wait_for(room, self.publish_timeout)
                     self._counters["publish_wait_s"] += time.monotonic() - t0
                 if self._outstanding >= self._window or self.fatal_error:
                     self._counters["publish_dropped"] += 1
@@ -801,6 +963,9 @@ class MqttTransport:
 
     def drain(self, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) until every publish is acknowledged; True when none is left."""
+        if self._runs_loop_here() and self._state == "started":
+            return self._pump_until(lambda: self._outstanding == 0 or bool(self.fatal_error), timeout) \
+                and self._outstanding == 0
         with self._tx:
             if threading.get_ident() == self._net_ident:
                 return self._outstanding == 0
@@ -831,9 +996,9 @@ class MqttTransport:
         agent took should be acknowledged first (else it comes again, and is dropped as seen)."""
         return self._resync_pending and not self._queue
 
-    def stats(self) -> dict[str, int | float | bool]:
+    def stats(self) -> dict[str, int | float | bool | str]:
         with self._tx:
-            out: dict[str, int | float | bool] = dict(self._counters)
+            out: dict[str, int | float | bool | str] = dict(self._counters)
             out["publish_wait_s"] = round(float(out["publish_wait_s"]), 3)
             out["outstanding"] = self._outstanding
             out["publish_window"] = self._window
@@ -841,4 +1006,5 @@ class MqttTransport:
         out["backlog"] = self.backlog()
         out["backlog_bytes"] = self._backlog_bytes
         out["fatal"] = self.fatal_error is not None
+        out["network_loop"] = self.network_loop
         return out
