@@ -3,8 +3,9 @@
     python benchmarks/flood_variants.py [--repeats 3] [--n 30000] VARIANT [VARIANT ...]
 
 A VARIANT is a comma-separated list of settings that differ from the shipped
-configuration, store settings as ``key=value`` and agent settings as
-``agent.key=value`` (``""`` is the shipped configuration), for example::
+configuration, store settings as ``key=value``, agent settings as
+``agent.key=value`` and MQTT settings as ``mqtt.key=value`` (``""`` is the
+shipped configuration), for example::
 
     python benchmarks/flood_variants.py agent.micro_batch_size_max=8 agent.micro_batch_size_max=32
 

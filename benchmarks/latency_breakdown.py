@@ -11,7 +11,8 @@ agent process's CPU per message, whole and split by thread (the agent's loop run
 the main thread; the busiest other one is paho's network thread). Store
 settings that differ from the shipped defaults can be given as ``key=value`` (for
 example ``synchronous=normal``, ``checkpoint_every_messages=1000000``), agent settings
-as ``agent.key=value`` (``agent.micro_batch_backlog=32``). About 40 s a run.
+as ``agent.key=value`` (``agent.micro_batch_backlog=32``), MQTT settings as
+``mqtt.key=value`` (``mqtt.network_loop=agent``). About 40 s a run.
 """
 
 from __future__ import annotations
