@@ -601,3 +601,11 @@ def test_with_the_loop_on_the_agents_thread_only_that_thread_publishes(broker: M
 def test_an_unknown_network_loop_is_refused() -> None:
     with pytest.raises(ValueError, match="network_loop must be one of"):
         MqttTransport(MqttConfig(), "x", "x/status", network_loop="asyncio")
+
+
+def test_receive_before_start_waits_its_timeout_and_returns_nothing() -> None:
+    for loop in LOOPS:
+        transport = MqttTransport(MqttConfig(), f"unstarted-{loop}", "x/status", network_loop=loop, lock=False)
+        t0 = time.monotonic()
+        assert transport.receive(10, 0.05) == []
+        assert time.monotonic() - t0 >= 0.05

@@ -719,11 +719,13 @@ class MqttTransport:
         something to happen), keep the connection alive, reconnect after the back-off."""
         if not self._inline:
             raise RuntimeError("pump() is for network_loop = 'agent'; paho's thread runs this loop")
-        if threading.get_ident() != self._loop_ident:
-            raise RuntimeError("pump() runs on the thread that started the transport")
         client = self._client
         if client is None or self._state != "started" or self.fatal_error or self._in_loop:
+            if timeout > 0 and self._state != "started":
+                time.sleep(timeout)  # not started (or stopped): nothing can arrive, as with paho's thread
             return
+        if threading.get_ident() != self._loop_ident:
+            raise RuntimeError("pump() runs on the thread that started the transport")
         self._flush_acks()
         if client.socket() is None:
             if self._stopping:
@@ -753,7 +755,7 @@ class MqttTransport:
         self.pump(0.0)
         while not done():
             left = deadline - time.monotonic()
-            if left <= 0 or self.fatal_error or self._client is None:
+            if left <= 0 or self.fatal_error:
                 break
             self.pump(min(left, 1.0))
         return bool(done())
