@@ -609,3 +609,38 @@ def test_receive_before_start_waits_its_timeout_and_returns_nothing() -> None:
         t0 = time.monotonic()
         assert transport.receive(10, 0.05) == []
         assert time.monotonic() - t0 >= 0.05
+
+
+def test_acknowledgements_handed_over_wake_the_loop_thread_from_its_wait(broker: MosquittoProcess) -> None:
+    """An ack handed over while the loop thread waits in select() for the next reading is written
+    at once (paho's wake-up socket), not at the loop's next turn (up to 1 s later)."""
+    cfg = MqttConfig(port=broker.port)
+    transport = MqttTransport(cfg, "wakeup", "streamlearn/wakeup/status", network_loop="agent")
+    transport.start(["wk/#"])
+    pub = Publisher("127.0.0.1", broker.port, client_id="wk-pub")
+    try:
+        assert transport.wait_subscribed(10)
+        pub.publish("wk/a", b"1")
+        assert pub.flush(10)
+        got: list = []
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            got += transport.receive(10, 0.1)
+        assert len(got) == 1
+        written_after: list[float] = []
+
+        def ack_while_waiting() -> None:
+            wait_until(lambda: transport._in_loop, 5.0, interval=0.001)  # the loop thread is in select()
+            t0 = time.monotonic()
+            transport.ack(got)
+            if wait_until(lambda: transport.stats()["acked"] == 1, 2.0, interval=0.001):
+                written_after.append(time.monotonic() - t0)
+
+        worker = threading.Thread(target=ack_while_waiting)
+        worker.start()
+        assert transport.receive(10, 3.0) == []
+        worker.join(5)
+        assert written_after and written_after[0] < 0.5, written_after
+    finally:
+        transport.stop()
+        pub.close()
