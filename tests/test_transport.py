@@ -38,6 +38,15 @@ def pumping(condition, *transports: MqttTransport):  # type: ignore[no-untyped-d
     return check
 
 
+def receive_at_least(transport: MqttTransport, n: int, timeout: float = 10.0) -> list:
+    """Receive until ``n`` messages came (they may come in more than one batch) or ``timeout`` s."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        got += transport.receive(10, 0.1)
+    return got
+
+
 def wait_until(condition, timeout: float, interval: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
     """True as soon as ``condition()`` holds, False after ``timeout`` s (for things that must not happen)."""
     deadline = time.monotonic() + timeout
@@ -122,10 +131,7 @@ def test_the_session_keeps_unacknowledged_and_queued_messages(broker: MosquittoP
     for i in range(5):
         pub.publish("q/a", b"%d" % i)
     assert pub.flush(10)
-    got: list = []
-    deadline = time.monotonic() + 10
-    while len(got) < 5 and time.monotonic() < deadline:  # they may come in more than one batch
-        got += first.receive(10, 0.1)
+    got = receive_at_least(first, 5)
     assert [m.payload for m in got] == [b"%d" % i for i in range(5)]
     first.ack(got[:2])  # the other 3 stay unacknowledged
     first.stop()
@@ -549,16 +555,13 @@ def test_acknowledgements_from_another_thread_are_written_by_the_loop_thread(bro
         for i in range(5):
             pub.publish("ho/a", b"%d" % i)
         assert pub.flush(10)
-        got: list = []
-        deadline = time.monotonic() + 10
-        while len(got) < 5 and time.monotonic() < deadline:
-            got += transport.receive(10, 0.1)
+        got = receive_at_least(transport, 5)
         assert len(got) == 5
         worker = threading.Thread(target=transport.ack, args=(got,))
         worker.start()
         worker.join(5)
         assert transport.stats()["acked"] == 0  # handed over, not written from that thread
-        assert transport.receive(10, 2.0) == []  # the wake-up ends the wait; nothing new came
+        assert transport.receive(10, 0.2) == []  # the loop's turn writes them; nothing new came
         assert transport.stats()["acked"] == 5
     finally:
         transport.stop()
@@ -622,10 +625,7 @@ def test_acknowledgements_handed_over_wake_the_loop_thread_from_its_wait(broker:
         assert transport.wait_subscribed(10)
         pub.publish("wk/a", b"1")
         assert pub.flush(10)
-        got: list = []
-        deadline = time.monotonic() + 10
-        while not got and time.monotonic() < deadline:
-            got += transport.receive(10, 0.1)
+        got = receive_at_least(transport, 1)
         assert len(got) == 1
         written_after: list[float] = []
 

@@ -844,9 +844,6 @@ class MqttTransport:
 
     def ack(self, messages: list[Message]) -> None:
         """Acknowledge committed messages; those of an earlier connection are skipped (redelivered)."""
-        client = self._client
-        if client is None or self.fatal_error:
-            return
         if self._inline and threading.get_ident() != self._loop_ident:
             self._acks_waiting.append(messages)  # the loop thread writes them (and checks the connection then)
             self._poke()
