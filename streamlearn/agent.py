@@ -40,7 +40,7 @@ from streamlearn.codec import Codec, Reading
 from streamlearn.config import Config
 from streamlearn.dedupe import NEW, Deduper, payload_hash
 from streamlearn.errors import DecodeError, StoreError, StoreSyncError, TransportError
-from streamlearn.store import DeadLetter, InboxRow, SQLiteStore, Store
+from streamlearn.store import Checkpoint, DeadLetter, InboxRow, SQLiteStore, Store
 from streamlearn.stream import StreamRunner
 from streamlearn.transport import Message, Transport
 
@@ -79,8 +79,8 @@ class Agent:
         self.health_topic = f"{prefix}/{gateway}/health"
         self.position = 0
         self.counters = {"received": 0, "redeliveries": 0, "late": 0, "dead_letters": 0, "processed": 0,
-                         "replayed": 0, "checkpoints": 0, "store_errors": 0, "internal_errors": 0,
-                         "reloads": 0, "commits": 0, "checkpoints_stretched": 0}
+                         "replayed": 0, "caught_up": 0, "checkpoints": 0, "store_errors": 0, "internal_errors": 0,
+                         "reloads": 0, "commits": 0, "checkpoints_stretched": 0, "models_left_behind": 0}
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
         self._pending: PendingCheckpoint | None = None  # a checkpoint being written in steps
@@ -131,6 +131,7 @@ class Agent:
             logger.info("resumed checkpoint %d at inbox position %d (%d models)",
                         checkpoint.id, checkpoint.position, len(checkpoint.slots))
         self._since_checkpoint = 0
+        caught_up = self._catch_up(checkpoint) if checkpoint is not None else 0
         replayed = 0
         while True:
             rows = self.store.inbox_after(self.position, REPLAY_CHUNK)
@@ -152,9 +153,41 @@ class Agent:
         self.counters["replayed"] += replayed
         if replayed:
             logger.info("replayed %d inbox rows after the checkpoint", replayed)
+        if replayed or caught_up:
             self.checkpoint("replay")
         self._recovered = True
         return replayed
+
+    def _catch_up(self, checkpoint: Checkpoint) -> int:
+        """Replay the rows between ``replay_from`` and the checkpoint's position to the models
+        the checkpoint left behind (their saved states are older); returns how many."""
+        cursor, end = checkpoint.replay_from or checkpoint.position, checkpoint.position
+        if cursor >= end:
+            return 0
+        caught_up = 0
+        while cursor < end:
+            rows = [r for r in self.store.inbox_after(cursor, REPLAY_CHUNK) if r.seq <= end]
+            if not rows:
+                break
+            cursor = rows[-1].seq
+            for row in rows:
+                runner = self.runners.get(row.stream)
+                if runner is None or not runner.behind(row):
+                    continue
+                try:
+                    reading = self.codec.decode(row.topic, row.payload, row.received_at)
+                except DecodeError as exc:  # the config changed since the row was stored
+                    logger.warning("inbox row %d no longer decodes (%s); skipped", row.seq, exc)
+                    continue
+                runner.catch_up(row, reading, self.clock.monotonic())
+                caught_up += 1
+        for runner in self.runners.values():
+            runner.finish_replay(self.clock.monotonic())  # (caught-up groups publish nothing)
+        self.counters["caught_up"] += caught_up
+        if caught_up:
+            logger.info("replayed %d inbox rows at or before the checkpoint to the models it had left behind",
+                        caught_up)
+        return caught_up
 
     def _reload(self) -> None:
         """Forget the in-memory state and rebuild it from the store (after a failed commit)."""
@@ -569,8 +602,15 @@ class Agent:
         (Rows left by one abandoned after a failed step carry the same id; every model
         they hold is written again, because abandoning marked them all changed.)
         """
-        self._pending = PendingCheckpoint(self.store.next_checkpoint_id(), self.position, reason, self.runners,
-                                          store=self.store)
+        cfg = self.config.store
+        # an interval's checkpoint may leave models behind (many per-device models); one at
+        # shutdown, after a replay or asked for writes every changed model
+        leave = reason == "interval"
+        self._pending = PendingCheckpoint(
+            self.store.next_checkpoint_id(), self.position, reason, self.runners, store=self.store,
+            models_max=cfg.checkpoint_models_max if leave else None,
+            replay_max=max(1, min(cfg.checkpoint_replay_max, cfg.inbox_retention)), rows=self._since_checkpoint)
+        self.counters["models_left_behind"] = self._pending.left_behind
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock.monotonic()
 

@@ -21,10 +21,22 @@ while no message waits), each step stopping once it has used its time budget:
 
 Until the last step commits, a restart loads the previous complete checkpoint
 (every model keeps its row of it) and the store deletes the rows of this one.
+
+With more changed models than ``checkpoint_models_max`` (a thousand per-device
+models each learn a reading or two per interval) an interval's checkpoint writes
+only that many, those saved longest ago first, and every one saved
+``checkpoint_replay_max`` inbox rows ago or more (:func:`choose_models`); the
+others keep their older rows. Each model row records its position, the
+checkpoint records the oldest position left behind (``replay_from``), and a
+restart replays the rows from there to the checkpoint's position to their own
+models only (``StreamRunner.catch_up``). Each model is then written every
+~``checkpoint_replay_max`` rows instead of every interval: with a thousand models
+~50 writes an interval instead of 1,000 (~30 MB of WAL), and no burst.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -37,6 +49,45 @@ if TYPE_CHECKING:
 # checkpoint in one step, in the batch transaction it begins in, as if it were not split
 # (so a restart replays at most the checkpoint interval); each model costs ~0.2-0.4 ms.
 MIN_MODELS_PER_STEP = 4
+
+
+# Each checkpoint writes enough models, oldest first, that they all come round within this
+# share of checkpoint_replay_max rows: steadily, rather than in a burst of every model saved
+# replay_max rows ago (after a start every model is saved at the same position).
+ROTATION_SHARE = 0.8
+
+
+def choose_models(runners: dict[str, StreamRunner], position: int, models_max: int,
+                  replay_max: int, rows: int = 0) -> tuple[dict[str, list[str]] | None, int]:
+    """Which changed models a checkpoint at ``position`` writes, per stream (None: all of
+    them), and where a restart then replays from (``position`` when none is left behind).
+
+    All when there are at most ``models_max``; else, those saved longest ago first,
+    ``models_max`` of them, or as many as it takes for all to come round within
+    ``ROTATION_SHARE`` of ``replay_max`` rows at ``rows`` rows per checkpoint (the rows since
+    the last one), or more if more were saved ``replay_max`` rows ago or earlier: a restart
+    replays at most ``replay_max`` rows, and the inbox, which keeps ``inbox_retention``,
+    still holds them. A stream whose models cannot be left behind (topic labels) has all
+    its changed models written.
+    """
+    changed = {name: runner.changed() for name, runner in runners.items()}
+    if sum(len(c) for c in changed.values()) <= models_max:
+        return None, position
+    chosen: dict[str, list[str]] = {name: [] for name in runners}
+    candidates: list[tuple[int, str, str]] = []
+    for name, items in changed.items():
+        if runners[name].can_leave_behind:
+            candidates.extend((since, name, key) for since, key in items)
+        else:
+            chosen[name].extend(key for _, key in items)
+    candidates.sort()
+    forced = sum(1 for since, _, _ in candidates if since <= position - replay_max)
+    rotation = math.ceil(len(candidates) * rows / (ROTATION_SHARE * replay_max))
+    n = max(models_max - sum(len(k) for k in chosen.values()), rotation, forced)
+    for _, name, key in candidates[:n]:
+        chosen[name].append(key)
+    left = candidates[n:]
+    return chosen, (left[0][0] if left else position)
 
 
 class PendingCheckpoint:
@@ -55,10 +106,13 @@ class PendingCheckpoint:
     store
         Where a model about to change before its step is written at once, when a
         transaction is open (None: such models are copied until their step).
+    models_max, replay_max, rows
+        Leave changed models behind as :func:`choose_models` says (None: write all).
     """
 
     def __init__(self, checkpoint_id: int, position: int, reason: str,
-                 runners: dict[str, StreamRunner], store: SQLiteStore | None = None) -> None:
+                 runners: dict[str, StreamRunner], store: SQLiteStore | None = None,
+                 models_max: int | None = None, replay_max: int = 0, rows: int = 0) -> None:
         self.id = checkpoint_id
         self.position = position
         self.reason = reason
@@ -68,7 +122,11 @@ class PendingCheckpoint:
         self.metrics = [r.metrics_row() for r in runners.values()]
         self.events: list[DriftEvent] = [e for r in runners.values() for e in r.take_events()]
         write = self._write_early if store is not None else None
-        self.keys = {name: r.begin_capture(write) for name, r in runners.items()}
+        chosen, self.replay_from = (None, position) if models_max is None else \
+            choose_models(runners, position, models_max, replay_max, rows)
+        self.keys = {name: r.begin_capture(write, None if chosen is None else chosen[name])
+                     for name, r in runners.items()}
+        self.left_behind = sum(len(r.changed()) for r in runners.values()) if chosen is not None else 0
         self._todo = [(name, key) for name, keys in self.keys.items() for key in keys]
         self._todo.reverse()  # popped from the end: in stream and model order
         self.slots_written = 0
@@ -84,7 +142,7 @@ class PendingCheckpoint:
         if store is None or not store.in_batch:
             return False
         started = time.perf_counter()
-        self.bytes_written += store.write_models(self.id, [saved], started=started)
+        self.bytes_written += store.write_models(self.id, [saved], started=started, position=self.position)
         self.slots_written += 1
         self.written_early += 1
         self.work_s += time.perf_counter() - started
@@ -110,7 +168,7 @@ class PendingCheckpoint:
             saved = self.runners[name].take_capture(key)
             if saved is None:
                 continue  # written before its step, as it was about to change
-            self.bytes_written += store.write_models(self.id, [saved], started=started)
+            self.bytes_written += store.write_models(self.id, [saved], started=started, position=self.position)
             self.slots_written += 1
             wrote += 1
             if wrote >= MIN_MODELS_PER_STEP and time.perf_counter() >= deadline:
@@ -120,9 +178,9 @@ class PendingCheckpoint:
             return False  # the rest next time
         store.finish_checkpoint(self.id, self.position, self.streams, self.metrics, self.reason, self.events,
                                 slots_written=self.slots_written, bytes_written=self.bytes_written,
-                                started=started)
+                                started=started, replay_from=self.replay_from)
         for runner in self.runners.values():
-            runner.end_capture()
+            runner.end_capture(self.position)
         self.work_s += time.perf_counter() - started
         return True
 

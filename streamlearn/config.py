@@ -359,6 +359,15 @@ class StoreConfig(_Section):
     # models (~0.2 s to write, in many steps) a flood stretches the interval, and the agent counts
     # it (1: never); a checkpoint written in one step (a few models) never stretches it
     checkpoint_max_share: float = Field(0.1, gt=0.0, le=1.0)
+    # with more changed models than this (one per device), an interval's checkpoint writes
+    # only this many of them, those unsaved longest first, plus any whose last saved state is
+    # checkpoint_replay_max inbox rows behind (at most inbox_retention); the others keep their
+    # older row and a restart replays their readings since. A thousand per-device models then
+    # cost ~50 model writes per interval instead of 1,000 (~30 KB each with the population
+    # policy), and a restart replays at most checkpoint_replay_max rows. Shutdown checkpoints
+    # write every changed model; so do streams whose labels come on a topic of their own
+    checkpoint_models_max: int = Field(32, ge=1)
+    checkpoint_replay_max: int = Field(20_000, ge=1)
     inbox_retention: int = Field(100_000, ge=0)
     dead_letter_retention: int = Field(100_000, ge=0)
     dead_letter_payload_bytes: int = Field(4096, ge=0)

@@ -329,6 +329,9 @@ class Slot:
         # forecast: per device, the readings still waiting for their target
         self.waiting: dict[str, deque[tuple[np.ndarray, Any, int]]] = {}
         self.dirty = True
+        # the inbox position of its saved state: a restart replays its readings after it (for a
+        # model never saved, the position just before its first reading)
+        self.since = 0
 
     def features_for(self, device: str, values: list[float]) -> np.ndarray:
         self.dirty = True
@@ -503,6 +506,7 @@ class Slot:
             for d, q in saved.state["waiting"].items()
         }
         self.dirty = False
+        self.since = saved.position if saved.position is not None else 0
 
 
 def _jsonable(value: Any) -> Any:
@@ -546,19 +550,25 @@ class StreamRunner:
         # micro-batches learned since the agent last took them (seqs of their rows), to be
         # recorded with the rows; and, in a replay, the recorded ones still being gathered
         self.micro_batches: list[list[int]] = []
-        self._replay_groups: dict[str, tuple[int, Slot, list[tuple[InboxRow, Reading, float | None, np.ndarray]]]] = {}
+        self._replay_groups: dict[
+            str, tuple[int, Slot, list[tuple[InboxRow, Reading, float | None, np.ndarray]], bool]] = {}
+        # replaying the readings of a model whose saved state is older than the checkpoint's
+        # position (catch_up): only the model changes, the stream's own state is at that position
+        self._catching_up = False
+        self._capture_keys: list[str] = []
 
     # -- slots --------------------------------------------------------------------
 
     def slot_key(self, device: str) -> str:
         return device if self.config.per_device else SHARED
 
-    def _slot(self, device: str) -> Slot:
-        """The model of ``device``, about to change."""
+    def _slot(self, device: str, seq: int) -> Slot:
+        """The model of ``device``, about to change with inbox row ``seq``."""
         key = self.slot_key(device)
         slot = self.slots.get(key)
         if slot is None:
             slot = self.slots[key] = Slot(key, self.config, self._scratch)
+            slot.since = seq - 1
         else:
             self._before_change(slot)
         return slot
@@ -592,7 +602,7 @@ class StreamRunner:
             self._saw_sequence(reading.sequence_scope, reading.sequence or 0)
         if self.source == "topic":
             self._expire(row.received_at)
-        slot = self._slot(reading.device)
+        slot = self._slot(reading.device, row.seq)
         slot.metrics.messages += 1
         x = slot.features_for(reading.device, reading.features)
         extra: dict[str, Any] = {}
@@ -637,6 +647,8 @@ class StreamRunner:
     MAX_SEQUENCE_SCOPES = 100_000
 
     def _saw_sequence(self, scope: str, sequence: int) -> None:
+        if self._catching_up:
+            return
         self.last_seq[scope] = max(sequence, self.last_seq.get(scope, -1))
         self.last_seq.move_to_end(scope)
         if len(self.last_seq) > self.MAX_SEQUENCE_SCOPES:
@@ -645,13 +657,16 @@ class StreamRunner:
     def _learn(self, slot: Slot, x: np.ndarray, y: float, predicted: Any, phash: int,
                row: InboxRow, out: list[tuple[str, bytes]], replay: bool) -> float | None:
         score, events = slot.learn(x, y, predicted)
-        self.counters["learned_count"] += 1
-        self.counters["learned_digest"] = (self.counters["learned_digest"] + phash) % _DIGEST_MOD
+        if not self._catching_up:
+            self.counters["learned_count"] += 1
+            self.counters["learned_digest"] = (self.counters["learned_digest"] + phash) % _DIGEST_MOD
         self._record_events(slot, events, row, out, replay)
         return score
 
     def _record_events(self, slot: Slot, events: list[tuple[Any, ...]], row: InboxRow,
                        out: list[tuple[str, bytes]], replay: bool) -> None:
+        if self._catching_up:
+            return  # stored with the checkpoint this catches up to
         for detector, statistic, action, lr_before, lr_after, loss_before in events:
             # step: readings the model has learned (a micro-batch is one update of several)
             event = DriftEvent(row.received_at, self.name, slot.key, slot.learner.n_learned, detector,
@@ -684,7 +699,7 @@ class StreamRunner:
         for row, reading, received_mono in items:
             if reading.sequence_scope is not None:
                 self._saw_sequence(reading.sequence_scope, reading.sequence or 0)
-            slot = self._slot(reading.device)
+            slot = self._slot(reading.device, row.seq)
             slot.metrics.messages += 1
             x = slot.features_for(reading.device, reading.features)
             groups.setdefault(slot.key, []).append((row, reading, received_mono, x))
@@ -719,6 +734,8 @@ class StreamRunner:
         events = slot.learn_many(X[labelled], [entries[i][1].target for i in labelled],
                                  [predictions[i] for i in labelled])
         for i in labelled:
+            if self._catching_up:
+                break
             self.counters["learned_count"] += 1
             self.counters["learned_digest"] = (self.counters["learned_digest"]
                                                + entries[i][0].payload_hash) % _DIGEST_MOD
@@ -749,11 +766,11 @@ class StreamRunner:
         # as handle_many: sequence, model and features now, in row order; the learning once complete
         if reading.sequence_scope is not None:
             self._saw_sequence(reading.sequence_scope, reading.sequence or 0)
-        slot = self._slot(reading.device)
+        slot = self._slot(reading.device, row.seq)
         slot.metrics.messages += 1
         x = slot.features_for(reading.device, reading.features)
         if gathering is None or gathering[0] != row.micro_batch:
-            gathering = self._replay_groups[key] = (row.micro_batch, slot, [])
+            gathering = self._replay_groups[key] = (row.micro_batch, slot, [], self._catching_up)
         gathering[2].append((row, reading, None, x))
         return out
 
@@ -765,8 +782,31 @@ class StreamRunner:
         return out
 
     def _learn_replayed(self, key: str, now_mono: float, out: list[tuple[str, bytes]]) -> None:
-        _, slot, entries = self._replay_groups.pop(key)
-        self._micro_batch(slot, entries, now_mono, out)
+        _, slot, entries, catching_up = self._replay_groups.pop(key)
+        was, self._catching_up = self._catching_up, catching_up
+        try:
+            self._micro_batch(slot, entries, now_mono, out)
+        finally:
+            self._catching_up = was
+
+    def catch_up(self, row: InboxRow, reading: Reading, now_mono: float) -> None:
+        """Replay a reading at or before the checkpoint's position to its model, whose saved
+        state is older (the checkpoint left it behind): the model learns it as it did live; the
+        stream's own state (sequence numbers, counters, drift events) and the published
+        messages are already past it, so nothing else changes and nothing is sent."""
+        self._catching_up = True
+        try:
+            self.replay(row, reading, now_mono)
+        finally:
+            self._catching_up = False
+
+    def behind(self, row: InboxRow) -> bool:
+        """Whether inbox ``row`` (at or before the checkpoint's position) is one of a model's
+        readings not in its saved state: a model saved before it, or not saved at all."""
+        if row.kind != "reading" or not self.batchable and self.source != "forecast":
+            return False
+        slot = self.slots.get(self.slot_key(row.device))
+        return slot is None or slot.since < row.seq
 
     def _add_pending(self, join_id: str, key: str, x: np.ndarray, pred: Any, phash: int, at: float) -> None:
         if join_id in self.pending:  # a later reading with the same id replaces the older
@@ -838,19 +878,34 @@ class StreamRunner:
     # changed models at the checkpoint's position; take_capture hands each one over, as it
     # was then; end_capture or abandon_capture closes it.
 
-    def begin_capture(self, write: Callable[[SlotState], bool] | None = None) -> list[str]:
-        """The keys of the models changed since the last checkpoint (now marked saved).
+    def changed(self) -> list[tuple[int, str]]:
+        """``(since, key)`` of each model changed since it was last saved."""
+        return [(slot.since, key) for key, slot in self.slots.items() if slot.dirty]
+
+    @property
+    def can_leave_behind(self) -> bool:
+        """Whether a checkpoint may leave changed models with older saved states: their readings
+        can be replayed to them alone (``catch_up``). Not when labels come on a topic of their
+        own: a label joins a reading through the stream's state."""
+        return self.source != "topic"
+
+    def begin_capture(self, write: Callable[[SlotState], bool] | None = None,
+                      keys: list[str] | None = None) -> list[str]:
+        """Begin capturing the models changed since the last checkpoint, or those of ``keys``
+        among them (the others stay changed); returns the keys captured (now marked saved).
 
         ``write`` stores a model of the capture that is about to change, as it is, and returns
         True; False when it cannot now (no transaction open): the model is copied instead.
         """
         assert not self._capture_pending and not self._captured and not self._capture_written, \
             "a capture is already open"
-        keys = [key for key, slot in self.slots.items() if slot.dirty]
+        if keys is None:
+            keys = [key for key, slot in self.slots.items() if slot.dirty]
         for key in keys:
             self.slots[key].dirty = False
         self._capture_pending = set(keys)
         self._capture_write = write
+        self._capture_keys = keys
         return keys
 
     def take_capture(self, key: str) -> SlotState | None:
@@ -864,9 +919,15 @@ class StreamRunner:
         self._capture_pending.discard(key)
         return self.slots[key].to_state(self.name)  # unchanged since: the live state is that state
 
-    def end_capture(self) -> None:
+    def end_capture(self, position: int) -> None:
+        """The checkpoint at ``position`` is complete: its models' saved states belong there."""
         assert not self._capture_pending and not self._captured and not self._capture_written, \
             "models of the capture were not taken"
+        for key in self._capture_keys:
+            slot = self.slots.get(key)
+            if slot is not None:
+                slot.since = max(slot.since, position)
+        self._capture_keys = []
         self._capture_write = None
 
     def abandon_capture(self, keys: list[str]) -> None:
@@ -878,6 +939,7 @@ class StreamRunner:
         self._capture_pending.clear()
         self._captured.clear()
         self._capture_written.clear()
+        self._capture_keys = []
         self._capture_write = None
 
     def take_events(self) -> list[DriftEvent]:
@@ -909,22 +971,26 @@ class StreamRunner:
 
     def metrics_row(self) -> dict[str, Any]:
         """One row of the ``metrics`` table: totals and averages over the stream's models."""
-        slots = list(self.slots.values())
-
-        def mean(values: list[float | None]) -> float | None:
-            vals = [v for v in values if v is not None]
-            return sum(vals) / len(vals) if vals else None
-
+        # one pass: a checkpoint takes this row as it begins, over up to a thousand models
+        messages = labelled = batched = learned = skipped = 0
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss, error, baseline_error, lr
+        counts = [0, 0, 0, 0]
+        for slot in self.slots.values():
+            m, learner = slot.metrics, slot.learner
+            messages += m.messages
+            labelled += m.labelled
+            batched += m.batched
+            learned += learner.n_learned
+            skipped += learner.n_skipped
+            lr = learner.lr
+            for i, value in enumerate((m.loss, m.error, m.baseline_error,
+                                       lr[slot.policy.serving()] if isinstance(lr, np.ndarray) else lr)):
+                if value is not None:
+                    sums[i] += float(value)
+                    counts[i] += 1
+        loss, error, baseline, lr_mean = (total / n if n else None for total, n in zip(sums, counts))
         return {
-            "stream": self.name,
-            "messages": sum(s.metrics.messages for s in slots),
-            "labelled": sum(s.metrics.labelled for s in slots),
-            "batched": sum(s.metrics.batched for s in slots),
-            "learned": sum(s.learner.n_learned for s in slots),
-            "skipped": sum(s.learner.n_skipped for s in slots),
-            "dead_letters": self.counters["dead_letters"],
-            "loss": mean([s.metrics.loss for s in slots]),
-            "error": mean([s.metrics.error for s in slots]),
-            "baseline_error": mean([s.metrics.baseline_error for s in slots]),
-            "lr": mean([s.lr for s in slots]),
+            "stream": self.name, "messages": messages, "labelled": labelled, "batched": batched,
+            "learned": learned, "skipped": skipped, "dead_letters": self.counters["dead_letters"],
+            "loss": loss, "error": error, "baseline_error": baseline, "lr": lr_mean,
         }

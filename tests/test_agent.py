@@ -19,7 +19,7 @@ from streamlearn.transport.memory import MemoryTransport
 
 
 def config(store: Path, micro_batch: bool = False, step_ms: float = 2.0, batch_max: int = 64,
-           micro_batch_size_max: int = 8, **stream: Any) -> Config:
+           micro_batch_size_max: int = 8, store_settings: dict[str, Any] | None = None, **stream: Any) -> Config:
     """Strict test-then-train unless ``micro_batch``: bit-exact replay needs it (micro-batches
     depend on how messages happened to arrive). Micro-batches of 8 whatever the backlog,
     unless ``micro_batch_size_max``."""
@@ -30,7 +30,7 @@ def config(store: Path, micro_batch: bool = False, step_ms: float = 2.0, batch_m
     }
     s.update(stream)
     return parse_config({"store": {"path": str(store), "checkpoint_every_messages": 250,
-                                   "checkpoint_step_ms": step_ms},
+                                   "checkpoint_step_ms": step_ms, **(store_settings or {})},
                          "agent": {"batch_max": batch_max, "micro_batch": micro_batch, "micro_batch_backlog": 8,
                                    "micro_batch_size_max": micro_batch_size_max},
                          "streams": [s]})
@@ -45,8 +45,9 @@ def drain(agent: Agent) -> None:
 
 
 def make(store_path: Path, micro_batch: bool = False, step_ms: float = 2.0, micro_batch_size_max: int = 8,
-         **stream: Any) -> tuple[Agent, MemoryTransport, Config]:
-    cfg = config(store_path, micro_batch, step_ms, micro_batch_size_max=micro_batch_size_max, **stream)
+         store_settings: dict[str, Any] | None = None, **stream: Any) -> tuple[Agent, MemoryTransport, Config]:
+    cfg = config(store_path, micro_batch, step_ms, micro_batch_size_max=micro_batch_size_max,
+                 store_settings=store_settings, **stream)
     transport = MemoryTransport()
     agent = Agent(cfg, transport, open_store(cfg))
     agent.recover()
@@ -571,6 +572,116 @@ def test_micro_batches_are_recorded_so_a_restart_replays_them_exactly(tmp_path: 
         assert slot.metrics.state() == other.slots[key].metrics.state()
         assert slot.policy.state() == other.slots[key].policy.state()
     assert runner.counters == other.counters
+    resumed.store.close()
+
+
+def assert_same_models(live: Agent, resumed: Agent) -> None:
+    for name, runner in live.runners.items():
+        other = resumed.runners[name]
+        assert set(runner.slots) == set(other.slots)
+        for key, slot in runner.slots.items():
+            theirs = other.slots[key]
+            for arr_name, arr in slot.learner.state_arrays().items():
+                np.testing.assert_array_equal(arr, theirs.learner.state_arrays()[arr_name], err_msg=f"{key} {arr_name}")
+            assert slot.metrics.state() == theirs.metrics.state(), key
+            assert slot.policy.state() == theirs.policy.state(), key
+            assert slot.drift.state() == theirs.drift.state(), key
+            assert slot.features.state() == theirs.features.state(), key
+        assert runner.counters == other.counters  # no reading learned twice, none missed
+        assert runner.last_seq == other.last_seq
+
+
+LEAVE_BEHIND = {"checkpoint_models_max": 3, "checkpoint_replay_max": 20_000, "inbox_retention": 600}
+
+
+@pytest.mark.parametrize("micro_batch", [False, True])
+def test_checkpoints_leave_models_behind_and_a_restart_catches_them_up_exactly(
+        tmp_path: Path, micro_batch: bool) -> None:
+    """Twelve device models, a checkpoint every 250 readings writing at most 3 of the changed
+    ones (those saved longest ago first) and every one saved 600 rows ago (the inbox keeps
+    600 behind the checkpoint, which bounds the setting of 20,000): the others keep older
+    rows. The process dies 1,170 readings in; the restart replays, to each model left
+    behind, its readings since its own row (and everything after the checkpoint, as
+    before), and lands on the models, counters and sequence numbers the agent had, with
+    drift events stored once."""
+    messages = list(SensorSimulator(config(tmp_path / "x.db").streams[0], devices=12, seed=5).messages(1170))
+    live, t1, _ = make(tmp_path / "lb.db", micro_batch=micro_batch, store_settings=LEAVE_BEHIND)
+    run_messages(live, t1, messages[:900])
+    for m in messages[900:]:  # a trickle at the end: some readings learned on their own
+        t1.inject(m.topic, m.payload)
+        drain(live)
+    rows = live.store._conn.execute(
+        "SELECT position, replay_from, slots_written FROM checkpoints WHERE reason = 'interval'").fetchall()
+    assert len(rows) >= 4
+    assert all(written < 12 for _, _, written in rows[1:])  # the first: every model new
+    behind = [position - replay_from for position, replay_from, _ in rows if replay_from is not None]
+    assert behind and max(behind) < 600  # no model left 600 rows behind: the inbox keeps them
+    assert live.counters["models_left_behind"] > 0
+    events = live.store._conn.execute("SELECT count(*) FROM drift_events").fetchone()[0]
+    assert live.store.load_checkpoint().position < live.position
+    live.store.close()  # the process dies: no final checkpoint
+
+    resumed, _, _ = make(tmp_path / "lb.db", micro_batch=micro_batch, store_settings=LEAVE_BEHIND)
+    assert resumed.counters["caught_up"] > 0 and resumed.counters["replayed"] > 0
+    assert_same_models(live, resumed)
+    assert resumed.store._conn.execute("SELECT count(*) FROM drift_events").fetchone()[0] == \
+        events + sum(len(r.events) for r in live.runners.values())
+    # the replay's checkpoint writes every changed model: nothing is behind any more
+    last = resumed.store.load_checkpoint()
+    assert last.replay_from == last.position and all(s.position == last.position for s in last.slots)
+    resumed.store.close()
+
+
+def test_a_catch_up_changes_the_model_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows at or before the checkpoint's position, replayed to a model left behind: the model
+    learns them, but the stream's counters, sequence numbers and drift events are already past
+    them, and nothing is published (a learning step here reports a drift event each time)."""
+    from streamlearn.codec import Codec
+    from streamlearn.store import InboxRow
+    from streamlearn.stream import Slot, StreamRunner
+
+    cfg = config(tmp_path / "x.db")
+    codec, runner = Codec(cfg.streams), StreamRunner(cfg.streams[0], "s", "gw")
+    real_learn = Slot.learn
+
+    def learn_with_event(self: Slot, *args: Any) -> Any:
+        score, events = real_learn(self, *args)
+        return score, [*events, ("adwin", 1.0, "reset", 0.01, 0.02, 0.5)]
+
+    monkeypatch.setattr(Slot, "learn", learn_with_event)
+    rows = []
+    for seq, m in enumerate(SensorSimulator(cfg.streams[0], devices=1, seed=3).messages(12), start=1):
+        reading = codec.decode(m.topic, m.payload, 0.0)
+        rows.append((InboxRow(0.0, m.topic, "boiler", "reading", reading.device, None, 0, m.payload, seq=seq), reading))
+    for row, reading in rows[:6]:
+        assert runner.handle(row, reading, 0.0, 0.0)  # a prediction and a drift event each
+    counters, last_seq, n_events = dict(runner.counters), dict(runner.last_seq), len(runner.events)
+    (slot,) = runner.slots.values()
+    learned = slot.learner.n_learned
+    for row, reading in rows[6:10]:
+        assert runner.behind(row)
+        runner.catch_up(row, reading, 0.0)
+    assert slot.learner.n_learned == learned + 4
+    assert runner.counters == counters and dict(runner.last_seq) == last_seq and len(runner.events) == n_events
+    runner.handle(*rows[10], 0.0, 0.0)
+    assert runner.counters["learned_count"] == counters["learned_count"] + 1 and len(runner.events) == n_events + 1
+    slot.since = 11
+    assert not runner.behind(rows[10][0]) and runner.behind(rows[11][0])
+
+
+def test_a_restart_that_did_not_catch_up_would_differ(tmp_path: Path) -> None:
+    """The catch-up matters: loading the models left behind as they were saved, without their
+    readings since, lands elsewhere."""
+    messages = list(SensorSimulator(config(tmp_path / "x.db").streams[0], devices=12, seed=5).messages(1000))
+    live, t1, _ = make(tmp_path / "lb.db", store_settings=LEAVE_BEHIND)
+    run_messages(live, t1, messages)
+    assert live.store.load_checkpoint().replay_from < live.store.load_checkpoint().position
+    live.store._conn.execute("UPDATE checkpoints SET replay_from = NULL")
+    live.store.close()
+    resumed, _, _ = make(tmp_path / "lb.db", store_settings=LEAVE_BEHIND)
+    assert resumed.counters["caught_up"] == 0
+    with pytest.raises(AssertionError):
+        assert_same_models(live, resumed)
     resumed.store.close()
 
 

@@ -210,9 +210,11 @@ def test_an_old_store_is_migrated_and_migrations_are_recorded(store_path: Path) 
     conn = sqlite3.connect(store_path)
     assert [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations")] == [
         "m001_initial", "m002_drift_events", "m003_metrics_batched", "m004_model_versions",
-        "m005_inbox_micro_batch"]
-    assert conn.execute("SELECT position FROM checkpoints").fetchone() == (5,)
-    assert conn.execute("SELECT stream, model_key, checkpoint_id FROM current_models").fetchall() == [("s", "d1", 1)]
+        "m005_inbox_micro_batch", "m006_model_positions"]
+    assert conn.execute("SELECT position, replay_from FROM checkpoints").fetchone() == (5, None)
+    # a model row takes the position of the checkpoint that wrote it
+    assert conn.execute("SELECT stream, model_key, checkpoint_id, position FROM current_models").fetchall() == [
+        ("s", "d1", 1, 5)]
     assert conn.execute("SELECT count(*) FROM drift_events").fetchone() == (0,)
     SQLiteStore(store_path).close()  # applying again is a no-op
 

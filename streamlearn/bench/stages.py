@@ -123,13 +123,14 @@ class _OrjsonShim:
         return getattr(orjson, name)
 
 
-def _make_agent(store_path: Path, batch_max: int = 512) -> tuple[Any, Any]:
+def _make_agent(store_path: Path, batch_max: int = 512, store: dict[str, Any] | None = None) -> tuple[Any, Any]:
     from streamlearn.agent import Agent, open_store
     from streamlearn.config import parse_config
     from streamlearn.transport.memory import MemoryTransport
 
     data = agent_config(store_path, 1883, "prof", "streamlearn-prof")
     data["agent"]["batch_max"] = batch_max
+    data["store"].update(store or {})
     cfg = parse_config(data)
     transport = MemoryTransport()
     agent = Agent(cfg, transport, open_store(cfg))
@@ -452,6 +453,61 @@ def checkpoint_stalls(workdir: Path, models: int, repeats: int = 5) -> dict[str,
         "total_ms_median": round(median(totals) or 0.0, 3),
         "one_step_ms_median": round(median(one_shot) or 0.0, 3),
         "recorded_duration_ms_median": round(median(recorded) or 0.0, 3),
+    }
+
+
+def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
+                             leave_behind: bool = True) -> dict[str, Any]:
+    """Checkpoint pauses as a gateway with ``models`` per-device models sees them: readings
+    round-robin over the devices, one at a time (each its own batch, as at a steady rate),
+    through the real Agent over a MemoryTransport and a real SQLite store. First
+    ``checkpoint_replay_max`` readings, so that which models each checkpoint leaves behind has
+    settled, then ``intervals`` checkpoint intervals timed: the longest pause each checkpoint
+    recorded (``duration_ms``: its longest step, with its COMMIT when alone), the longest and
+    p99 of the agent's steps that took a checkpoint step against those that did not, and the
+    models and bytes written per checkpoint. ``leave_behind=False``: every changed model at
+    every checkpoint (``checkpoint_models_max`` above ``models``), as before ``m006``."""
+    settings = {} if leave_behind else {"checkpoint_models_max": models + 1}
+    agent, transport = _make_agent(workdir / f"steady-{models}-{int(leave_behind)}.db", store=settings)
+    cfg = agent.config.store
+    _warm(agent, transport, models, n=models)
+    agent.checkpoint("bench")  # every model saved once
+    settle = min(cfg.checkpoint_replay_max, cfg.inbox_retention)
+    timed = intervals * cfg.checkpoint_every_messages
+    messages = make_messages(settle + timed, models, boot="steady", seed=11)
+    first_timed = None
+    with_ckpt: list[float] = []
+    without: list[float] = []
+    for i, (topic, payload) in enumerate(messages):
+        if i == settle:
+            agent.commit_group()
+            first_timed = agent.store.next_checkpoint_id()
+        transport.inject(topic, payload)
+        busy = agent._pending is not None
+        t0 = time.perf_counter()
+        agent.step(timeout=0.0)
+        ms = (time.perf_counter() - t0) * 1000.0
+        if i >= settle:
+            (with_ckpt if busy or agent._pending is not None else without).append(ms)
+    agent.commit_group()
+    rows = agent.store._conn.execute(
+        "SELECT duration_ms, slots_written, bytes_written, position - coalesce(replay_from, position)"
+        " FROM checkpoints WHERE id >= ? AND reason = 'interval' ORDER BY id", (first_timed,)).fetchall()
+    agent.store.close()
+    durations = [r[0] for r in rows]
+    return {
+        "models": models,
+        "leave_behind": leave_behind,
+        "checkpoints": len(rows),
+        "pause_ms_median": round(median(durations) or 0.0, 3),
+        "pause_ms_max": round(max(durations, default=0.0), 3),
+        "models_written_median": median([r[1] for r in rows]),
+        "bytes_written_median": median([r[2] for r in rows]),
+        "replay_rows_max": max((r[3] for r in rows), default=0),
+        "step_ms_with_checkpoint_p99": round(percentile(sorted(with_ckpt), 99) or 0.0, 3),
+        "step_ms_with_checkpoint_max": round(max(with_ckpt, default=0.0), 3),
+        "step_ms_without_p99": round(percentile(sorted(without), 99) or 0.0, 3),
+        "step_ms_without_max": round(max(without, default=0.0), 3),
     }
 
 

@@ -47,6 +47,9 @@ class SlotState:
     tensors: dict[str, Any]
     state: dict[str, Any]
     state_json: str | None = None  # the state already serialised (a snapshot taken before a change)
+    # the inbox position this state belongs to (as loaded: None for a row written without one,
+    # which belongs to the checkpoint's position)
+    position: int | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +61,9 @@ class Checkpoint:
     position: int
     slots: list[SlotState] = field(default_factory=list)
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # where a replay begins: at ``position``, or before it when models were left behind
+    # (each model's own position is in its SlotState)
+    replay_from: int | None = None
 
 
 @dataclass(slots=True)

@@ -178,3 +178,15 @@ def m005_inbox_micro_batch(db: Database) -> None:
     # (the seq of its first row) so that a replay after a restart learns them the same way
     # and lands on the state the agent had (NULL: learned on its own).
     db.execute("ALTER TABLE inbox ADD COLUMN micro_batch INTEGER")
+
+
+@migrations()
+def m006_model_positions(db: Database) -> None:
+    # With many per-device models a checkpoint writes only some of the changed ones (the
+    # longest unsaved first, see streamlearn.checkpointing); the others keep their older row,
+    # and a restart replays their readings since. Each model row records the inbox position
+    # its state belongs to, and each checkpoint where a replay must begin for the models it
+    # left behind (NULL: at its own position, as every checkpoint before this one).
+    db.execute("ALTER TABLE models ADD COLUMN position INTEGER")
+    db.execute("UPDATE models SET position = (SELECT c.position FROM checkpoints c WHERE c.id = models.checkpoint_id)")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN replay_from INTEGER")

@@ -92,6 +92,15 @@ def _json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
+def _inbox_floor(position: int, replay_from: int | None, retention: int) -> int:
+    """Inbox rows at or below this seq may go: past the retention behind the checkpoint's
+    position, and not needed by a replay from ``replay_from``."""
+    floor = position - retention
+    if replay_from is not None:
+        floor = min(floor, replay_from)
+    return max(0, floor)
+
+
 class SQLiteStore:
     """The store, opened for writing by one agent.
 
@@ -167,8 +176,9 @@ class SQLiteStore:
             # our commits stays as a backstop, should that thread fall behind
             self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
             migrations.apply(Database(self._conn))
-            last = self._conn.execute("SELECT max(position) FROM checkpoints").fetchone()[0]
-            self._inbox_floor = max(0, int(last or 0) - inbox_retention)
+            last = self._conn.execute(
+                "SELECT position, replay_from FROM checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+            self._inbox_floor = 0 if last is None else _inbox_floor(last[0], last[1], inbox_retention)
         except sqlite3.DatabaseError as exc:
             self._release_lock()
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
@@ -445,17 +455,19 @@ class SQLiteStore:
         """
         self.discard_incomplete()
         row = self._conn.execute(
-            "SELECT id, created_at, position FROM checkpoints ORDER BY id DESC LIMIT 1"
+            "SELECT id, created_at, position, replay_from FROM checkpoints ORDER BY id DESC LIMIT 1"
         ).fetchone()
         if row is None:
             return None
-        checkpoint = Checkpoint(id=row[0], created_at=row[1], position=row[2])
-        for stream, key, tensors, state in self._conn.execute(
-            "SELECT stream, model_key, tensors, state FROM current_models ORDER BY stream, model_key"
+        checkpoint = Checkpoint(id=row[0], created_at=row[1], position=row[2],
+                                replay_from=row[2] if row[3] is None else min(row[3], row[2]))
+        for stream, key, tensors, state, position in self._conn.execute(
+            "SELECT stream, model_key, tensors, state, position FROM current_models ORDER BY stream, model_key"
         ):
             try:
                 arrays = load_tensors(bytes(tensors))
-                checkpoint.slots.append(SlotState(stream, key, arrays, orjson.loads(state)))
+                checkpoint.slots.append(SlotState(stream, key, arrays, orjson.loads(state),
+                                                  position=checkpoint.position if position is None else position))
             except (orjson.JSONDecodeError, SafetensorError) as exc:
                 raise StoreError(
                     f"{self.path}: checkpoint of model {stream}/{key} is unreadable: {exc}"
@@ -504,7 +516,7 @@ class SQLiteStore:
         if own:
             self.begin(durable=False)
         try:
-            n_bytes = self.write_models(checkpoint_id, slots, started=started)
+            n_bytes = self.write_models(checkpoint_id, slots, started=started, position=position)
             self.finish_checkpoint(checkpoint_id, position, streams, metrics, reason, events,
                                    slots_written=len(slots), bytes_written=n_bytes, started=started)
         except StoreError:
@@ -521,13 +533,16 @@ class SQLiteStore:
         ms = 0.0 if started is None else (time.perf_counter() - started) * 1000.0
         self._tx_steps[checkpoint_id] = max(self._tx_steps.get(checkpoint_id, 0.0), ms)
 
-    def write_models(self, checkpoint_id: int, slots: list[SlotState], started: float | None = None) -> int:
+    def write_models(self, checkpoint_id: int, slots: list[SlotState], started: float | None = None,
+                     position: int | None = None) -> int:
         """One step of a checkpoint: store these models under ``checkpoint_id``; returns bytes written.
 
         Needs an open transaction. A model keeps its row of the last complete
         checkpoint until this one completes; older rows of it are deleted here.
         ``started`` (a ``time.perf_counter()`` value) is when the caller began the
         step, so the pause recorded at COMMIT includes collecting the state.
+        ``position``: the inbox position the states belong to (the checkpoint's; None
+        reads back as the position of the checkpoint loaded).
         """
         assert self._in_batch, "write_models() needs begin()"
         now = time.time()
@@ -540,9 +555,9 @@ class SQLiteStore:
                 n_bytes += len(tensors) + len(state)
                 self._tx_bytes += len(tensors) + len(state)
                 cur.execute(
-                    "INSERT OR REPLACE INTO models (stream, model_key, checkpoint_id, tensors, state, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (slot.stream, slot.model_key, checkpoint_id, tensors, state, now),
+                    "INSERT OR REPLACE INTO models (stream, model_key, checkpoint_id, tensors, state, updated_at,"
+                    " position) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (slot.stream, slot.model_key, checkpoint_id, tensors, state, now, position),
                 )
                 cur.execute(
                     "DELETE FROM models WHERE stream = ? AND model_key = ? AND checkpoint_id < ("
@@ -559,9 +574,12 @@ class SQLiteStore:
         self, checkpoint_id: int, position: int, streams: dict[str, dict[str, Any]],
         metrics: list[dict[str, Any]], reason: str, events: list[DriftEvent] | None,
         slots_written: int, bytes_written: int, started: float | None = None,
+        replay_from: int | None = None,
     ) -> None:
         """The last step of a checkpoint: stream states, metrics, drift events and its row in
-        ``checkpoints`` (which makes its models the ones a restart loads), at ``position``."""
+        ``checkpoints`` (which makes its models the ones a restart loads), at ``position``.
+        ``replay_from``: below ``position`` when changed models were left with older rows,
+        the oldest of their positions (a restart replays their readings from there)."""
         assert self._in_batch, "finish_checkpoint() needs begin()"
         now = time.time()
         cur = self._conn.cursor()
@@ -587,11 +605,12 @@ class SQLiteStore:
                     [(e.at, e.stream, e.model_key, e.step, e.detector, e.statistic, e.action, e.lr_before,
                       e.lr_after, e.loss_before) for e in events],
                 )
-            self._prune(cur, position, now)
+            self._prune(cur, position, now, replay_from)
             cur.execute(
-                "INSERT INTO checkpoints (id, created_at, position, slots_written, bytes_written, duration_ms, reason)"
-                " VALUES (?, ?, ?, ?, ?, 0, ?)",
-                (checkpoint_id, now, position, slots_written, bytes_written, reason),
+                "INSERT INTO checkpoints (id, created_at, position, slots_written, bytes_written, duration_ms, reason,"
+                " replay_from) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                (checkpoint_id, now, position, slots_written, bytes_written, reason,
+                 None if replay_from is None or replay_from >= position else replay_from),
             )
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: checkpoint write failed: {exc}") from None
@@ -609,11 +628,11 @@ class SQLiteStore:
         finally:
             self._conn.execute(f"PRAGMA synchronous={self._sync_pragma}")
 
-    def _prune(self, cur: sqlite3.Cursor, position: int, now: float) -> None:
+    def _prune(self, cur: sqlite3.Cursor, position: int, now: float, replay_from: int | None = None) -> None:
         """What a checkpoint deletes (a few rows each); the inbox and the dead letters past their
         retention go a few at a time with later batches (``_prune_some``), from the floor this
-        checkpoint sets once it commits."""
-        self._tx_inbox_floor = max(0, position - self.inbox_retention)
+        checkpoint sets once it commits (never above where a restart must replay from)."""
+        self._tx_inbox_floor = _inbox_floor(position, replay_from, self.inbox_retention)
         cur.execute("DELETE FROM metrics WHERE at < ?", (now - self.metrics_retention_seconds,))
         cur.execute("DELETE FROM drift_events WHERE at < ?", (now - self.metrics_retention_seconds,))
         cur.execute(
