@@ -2,7 +2,15 @@
 
     python benchmarks/checkpoint_pauses.py [--runs 3] [--models 100,1000] [--readings 10000]
 
-Two parts, each run ``--runs`` times (the disk's speed moves from run to run here):
+Three parts, each run ``--runs`` times (the disk's speed moves from run to run here):
+
+0. Steady: ``streamlearn.bench.stages.checkpoint_pauses_steady``, readings round-robin
+   over ``models`` devices one at a time through the real Agent and store, for ten
+   checkpoint intervals after ``checkpoint_replay_max`` readings: the pauses the
+   checkpoints recorded, the longest of the agent's steps with a checkpoint step in
+   them and without, and the models and bytes each checkpoint wrote; side by side,
+   the shipped setting (an interval's checkpoint leaves models behind) and every
+   changed model every interval (``checkpoint_models_max`` above the model count).
 
 1. Many changed models: ``streamlearn.bench.stages.checkpoint_stalls`` (what
    ``streamlearn bench throughput --sections profile`` prints), a checkpoint of
@@ -16,7 +24,7 @@ Two parts, each run ``--runs`` times (the disk's speed moves from run to run her
    every checkpoint finds a whole interval of rows past the retention. Prints the
    ``duration_ms`` those checkpoints recorded (their longest step).
 
-About 40 s a run.
+About 80 s a run.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from streamlearn.bench.common import make_messages
-from streamlearn.bench.stages import _make_agent, checkpoint_stalls
+from streamlearn.bench.stages import _make_agent, checkpoint_pauses_steady, checkpoint_stalls
 
 
 def long_running_store(workdir: Path, readings: int) -> dict[str, Any]:
@@ -71,6 +79,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="streamlearn-ckp-") as tmp:
             workdir = Path(tmp)
             parts = []
+            for models in counts:
+                for leave in (True, False):
+                    r = checkpoint_pauses_steady(workdir, models, leave_behind=leave)
+                    print(f"run {run}: steady, {models} models, {'leaving models behind' if leave else 'every model'}:"
+                          f" {r['checkpoints']} checkpoints of {r['models_written_median']} models /"
+                          f" {r['bytes_written_median'] / 1e6:.2f} MB (median), recorded pause median"
+                          f" {r['pause_ms_median']} max {r['pause_ms_max']} ms; agent steps with a checkpoint step"
+                          f" p99 {r['step_ms_with_checkpoint_p99']} max {r['step_ms_with_checkpoint_max']} ms,"
+                          f" without p99 {r['step_ms_without_p99']} max {r['step_ms_without_max']} ms;"
+                          f" {r['steps_over_5ms']} of {r['steps']} steps over 5 ms; writer held off"
+                          f" {r['writer_busy']} times; a restart replays at most {r['replay_rows_max']} rows",
+                          flush=True)
             for models in counts:
                 r = checkpoint_stalls(workdir, models)
                 parts.append(f"{models} models: longest pause median {r['stall_ms_median']} max {r['stall_ms_max']}"

@@ -5,7 +5,9 @@ One pass of the loop::
     transport.receive(batch)
       -> decode + validate each message (bad ones become dead letters)
       -> drop redeliveries (late readings are learned; see _is_new)
-      -> store.begin; store.stage(inbox rows, dead letters)       positions assigned
+      -> positions assigned; store.begin; store.stage(inbox rows, dead letters)
+         (while the WAL thread's last copy holds the writer off, the rows are
+         processed first and staged once it is free, before the commit)
       -> for each new row, in order: StreamRunner.handle -> publish predictions;
          every N rows or T seconds a checkpoint begins (at that row's position)
       -> one step of a checkpoint under way (a few models; see checkpointing.py)
@@ -34,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from streamlearn.checkpointing import PendingCheckpoint
+from streamlearn.checkpointing import MIN_MODELS_PER_STEP, PendingCheckpoint
 from streamlearn.clock import Clock, SystemClock
 from streamlearn.codec import Codec, Reading
 from streamlearn.config import Config
@@ -49,6 +51,10 @@ logger = logging.getLogger(__name__)
 REPLAY_CHUNK = 1000
 MAX_DEVICES_PER_STREAM = 10_000
 HEALTH_EVERY_SECONDS = 10.0
+# While the WAL thread's last copy holds the writer off (5-15 ms here), a due commit group is
+# tried again this often, and waited for once this long past due
+WRITER_POLL_S = 0.001
+GROUP_DEFER_MAX_S = 0.5
 
 
 class Agent:
@@ -93,6 +99,10 @@ class Agent:
         self._group: list[Message] = []
         self._group_dead: list[DeadLetter] = []
         self._group_deadline = 0.0
+        # rows (with their dead letters) of the open group taken while the WAL thread's last
+        # copy held the writer off: processed, numbered, staged once the writer is free
+        self._unstaged: list[tuple[list[InboxRow], list[DeadLetter]]] = []
+        self._next_seq = 1  # the inbox seq the next accepted row gets
         self._last_health = 0.0
         self._recovered = False
         self._uncommitted = False  # the in-memory state has learned from rows not yet committed
@@ -155,6 +165,7 @@ class Agent:
             logger.info("replayed %d inbox rows after the checkpoint", replayed)
         if replayed or caught_up:
             self.checkpoint("replay")
+        self._next_seq = max(self.store.last_seq(), self.position) + 1
         self._recovered = True
         return replayed
 
@@ -253,6 +264,8 @@ class Agent:
                 wait(5.0)
         if self._group:
             wait, room = max(0.0, self._group_deadline - self.clock.monotonic()), batch_max - len(self._group)
+            if self._unstaged and wait == 0.0:
+                wait = WRITER_POLL_S  # due, but the writer is held off: look again shortly, not in a spin
         else:
             # with a checkpoint under way, take what is there and write the next step of it
             wait, room = (0.0 if self._pending else timeout), batch_max
@@ -260,11 +273,11 @@ class Agent:
         if batch:
             self.ingest(batch, commit=False)
             if self._group and (len(self._group) >= batch_max or self.clock.monotonic() >= self._group_deadline):
-                self.commit_group()
+                self.commit_group(wait=False)
         elif self._group:
-            self.commit_group()
+            self.commit_group(wait=False)
         elif self._pending is not None:
-            self._checkpoint_step_alone()
+            self._checkpoint_step_alone(wait=False)
         try:
             self.maybe_checkpoint()
         except StoreError as exc:  # only raised inside the open group's transaction: take it again
@@ -285,6 +298,7 @@ class Agent:
             self._group_deadline = self.clock.monotonic() + self.config.agent.commit_delay_ms / 1000.0
             self._uncommitted = False
             self._completed_in_batch = 0
+            self.deduper.begin_batch()  # what earlier groups staged is committed (or rolled back)
         self._group.extend(batch)
         try:
             self._group_dead += self._ingest_once(batch)
@@ -292,14 +306,25 @@ class Agent:
             self._retry_group(exc)
             return
         if commit or self.config.agent.commit_delay_ms <= 0:
-            self.commit_group()
+            self.commit_group(wait=commit)
 
-    def commit_group(self) -> None:
+    def commit_group(self, wait: bool = True) -> None:
         """Commit the open group and publish its dead letters; its messages are acknowledged once
-        the commit is on disk (by the store's fsync thread, while this one goes on)."""
+        the commit is on disk (by the store's fsync thread, while this one goes on).
+
+        ``wait=False``: when the group's rows are not staged yet and the writer is still held
+        off (the WAL thread's last copy), leave it open for a later call; it waits once the
+        group is ``GROUP_DEFER_MAX_S`` past due or four times ``batch_max``."""
         if not self._group:
             return
         try:
+            if self._unstaged:
+                overdue = (self.clock.monotonic() - self._group_deadline > GROUP_DEFER_MAX_S
+                           or len(self._group) >= 4 * self.config.agent.batch_max)
+                if not self._open_and_stage(wait=wait or overdue):
+                    return
+                if self._pending is not None:  # the step its batches could not take
+                    self._completed_in_batch += self._checkpoint_step()
             self.store.commit(on_durable=self._acknowledge(self._group))
         except StoreError as exc:
             self._retry_group(exc)
@@ -319,16 +344,20 @@ class Agent:
             self._store_failed(exc, len(batch))
             if getattr(self.store, "in_batch", False):
                 self.store.rollback()
+            self._unstaged = []
             if self._uncommitted:  # learned from rows that are not stored: start again from the store
                 self._reload()
+            else:  # numbered, not stored: number them again
+                self._next_seq = max(self.store.last_seq(), self.position) + 1
             if self._pause(delay):
                 self._group, self._group_dead = [], []
                 raise StoreError(f"stopped while the store refused writes: {exc}") from None
             delay = min(delay * 2, 5.0)
             self._uncommitted = False
             self._completed_in_batch = 0
+            self.deduper.begin_batch()
             try:
-                self._group_dead = self._ingest_once(batch)
+                self._group_dead = self._ingest_once(batch, wait=True)
                 self.store.commit(on_durable=self._acknowledge(batch))
             except StoreError as again:
                 exc = again
@@ -359,15 +388,29 @@ class Agent:
         for d in dead:
             self._publish_dead_letter(d)
 
-    def _ingest_once(self, batch: list[Message]) -> list[DeadLetter]:
-        """Validate, stage and process ``batch`` in the open transaction (beginning one), with a
-        step of the checkpoint under way before and after its rows; returns its dead letters."""
+    def _open_and_stage(self, wait: bool) -> bool:
+        """Begin the group's transaction and stage the rows taken while the writer was held off
+        (they come first: a checkpoint step in it may be at a position among them); False,
+        with nothing done, when ``wait`` is False and the writer is still held off."""
+        if not self.store.begin(wait=wait):
+            return False
+        unstaged, self._unstaged = self._unstaged, []
+        for rows, dead in unstaged:
+            self.store.stage(rows, dead)
+        return True
+
+    def _ingest_once(self, batch: list[Message], wait: bool = False) -> list[DeadLetter]:
+        """Validate, number, stage and process ``batch`` in the group's transaction (beginning
+        one), with a step of the checkpoint under way before and after its rows; returns its
+        dead letters.
+
+        When the transaction is not open and the WAL thread's last copy holds the writer off
+        (and not ``wait``), the rows are processed now and staged later (``_open_and_stage``),
+        before the group commits: their predictions need not wait for the disk. Until then
+        no checkpoint step is written (a model about to change is copied instead)."""
         rows: list[InboxRow] = []
         readings: list[tuple[InboxRow, Reading, float]] = []
         dead: list[DeadLetter] = []
-        opening = not getattr(self.store, "in_batch", False)
-        if opening:  # a new transaction: what earlier batches staged is committed (or rolled back)
-            self.deduper.begin_batch()
         new_devices: dict[str, set[str]] = {}
         batch_seq: dict[str, int] = {}
         for msg in batch:
@@ -384,17 +427,20 @@ class Agent:
                                        exc.reason, exc.detail, msg.payload))
                 continue
             row = InboxRow(msg.received_at, msg.topic, reading.stream, reading.kind, reading.device,
-                           key, phash, msg.payload)
+                           key, phash, msg.payload, seq=self._next_seq)
+            self._next_seq += 1
             rows.append(row)
             readings.append((row, reading, msg.received_mono))
-        if opening:
-            self.store.begin()
-        self.store.stage(rows, dead)
+        if not self.store.in_batch and not self._open_and_stage(wait=wait or not self._group_can_wait()):
+            self._unstaged.append((rows, dead))
+        else:
+            self.store.stage(rows, dead)
         self._uncommitted = True
-        if self._pending is not None:
+        if self._pending is not None and self.store.in_batch:
             # one begun before this batch: a step now, so that (with a few models) it is complete
             # before these rows come due for the next one, and that one begins at its own row
             self._completed_in_batch += self._checkpoint_step()
+        pending_before = self._pending
         agent_cfg = self.config.agent
         # behind by micro_batch_backlog messages, good or bad: counting only the good readings,
         # an agent fed bad messages too crossed the threshold later than a clean one as far behind
@@ -403,9 +449,18 @@ class Agent:
         else:
             for row, reading, received_mono in readings:
                 self._process(row, reading, received_mono)
-        if self._pending is not None:  # one begun among this batch's rows
+        pending = self._pending
+        if pending is not None and self.store.in_batch and (
+                pending is pending_before or pending.remaining <= MIN_MODELS_PER_STEP):
+            # one begun among this batch's rows: with a few models it completes now; with more,
+            # its first step waits for the next batch, not to add to this one's pause the
+            # taking of it (~0.7 ms with a thousand models)
             self._completed_in_batch += self._checkpoint_step()
         return dead
+
+    def _group_can_wait(self) -> bool:
+        """Whether the open group may go on taking rows without staging them."""
+        return len(self._group) < 4 * self.config.agent.batch_max
 
     def _micro_batch_size(self, taken: int) -> int:
         """``micro_batch_size``, doubled for each further ``micro_batch_backlog`` messages behind
@@ -451,14 +506,20 @@ class Agent:
                     outgoing = []
                 groups = self.runners[name].take_micro_batches()
                 if groups:
-                    self.store.mark_micro_batches(groups)
+                    if self.store.in_batch:
+                        self.store.mark_micro_batches(groups)
+                    else:  # not staged yet: the rows carry it
+                        by_seq = {item[0].seq: item[0] for item in items}
+                        for group in groups:
+                            for seq in group:
+                                by_seq[seq].micro_batch = group[0]
                 for topic, payload in outgoing:
                     self.transport.publish(topic, payload, qos=1)
                 self.counters["processed"] += len(items)
                 self._since_checkpoint += len(items)
             self.position = run[-1][0].seq
             self.maybe_checkpoint()
-            if self._pending is not None:
+            if self._pending is not None and self.store.in_batch:
                 # a step now, as the row-by-row path takes one at the end of its batch: with a few
                 # models the checkpoint completes here, and a crash before the next one replays at
                 # most checkpoint_every_messages readings, not the rest of a large batch as well
@@ -544,7 +605,8 @@ class Agent:
         self._since_checkpoint += 1
         if checkpoint:
             self.maybe_checkpoint()
-            if self._pending is not None and self._since_checkpoint >= self.config.store.checkpoint_every_messages:
+            if (self._pending is not None and self.store.in_batch
+                    and self._since_checkpoint >= self.config.store.checkpoint_every_messages):
                 # a batch larger than the interval: the one under way must complete before the
                 # rows past the next boundary are committed with it (at most N replayed)
                 self._completed_in_batch += self._checkpoint_step()
@@ -627,13 +689,15 @@ class Agent:
         self._checkpoint_steps = pending.steps
         return True
 
-    def _checkpoint_step_alone(self, budget_s: float | None = None) -> bool:
+    def _checkpoint_step_alone(self, budget_s: float | None = None, wait: bool = True) -> bool:
         """One step in a transaction of its own, committed without an fsync; False when the
-        store refused it (the checkpoint is abandoned, its models stay in memory)."""
+        store refused it (the checkpoint is abandoned, its models stay in memory).
+        ``wait=False``: no step, and True, while the WAL thread's last copy holds the writer off."""
         pending = self._pending
         assert pending is not None
         try:
-            self.store.begin(durable=False)
+            if not self.store.begin(durable=False, wait=wait):
+                return True
             try:
                 completes = self._checkpoint_step(budget_s)
                 self.store.commit()
@@ -708,6 +772,8 @@ class Agent:
             "checkpoint_models_left": None if self._pending is None else self._pending.remaining,
             "checkpoint_write_ms": round(self._checkpoint_cost_s * 1000.0, 3),
             "fsync": getattr(self.store, "sync_stats", lambda: None)(),
+            # batches processed before they could be stored: the WAL thread's last copy held the writer
+            "writer_busy": getattr(self.store, "writer_busy", 0),
             "transport": transport,
             "streams": {name: {"models": len(r.slots), **r.counters} for name, r in self.runners.items()},
         }

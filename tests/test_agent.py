@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -793,3 +794,67 @@ def test_before_a_receive_that_reconnects_the_agent_lets_what_is_committed_be_ac
     agent.step(timeout=0)
     assert waits == [[1, 2, 3, 4, 5]]  # waited, and everything committed was acknowledged by then
     agent.store.close()
+
+
+@pytest.mark.parametrize("micro_batch", [False, True])
+def test_while_the_writer_is_held_off_readings_are_answered_and_stored_after(tmp_path: Path, micro_batch: bool) -> None:
+    """The WAL thread's last copy holds the writer off (here: the test holds its lock). The
+    agent goes on: it numbers, answers and learns the readings that arrive meanwhile,
+    acknowledging none, and a checkpoint that comes due among them waits to be written.
+    Once the writer is free they are stored before the group commits, in order, with
+    the micro-batches they were learned in; a restart after the process dies lands on
+    the same models."""
+    cfg = config(tmp_path / "w.db", micro_batch=micro_batch)
+    messages = list(SensorSimulator(cfg.streams[0], devices=3, seed=8).messages(300))
+    transport = MemoryTransport()
+    agent = Agent(cfg, transport, open_store(cfg), clock=ManualClock())  # the group never comes overdue
+    agent.recover()
+    transport.start(agent.codec.subscriptions)
+    run_messages(agent, transport, messages[:240])
+    assert agent.store.load_checkpoint() is None and agent.position == 240  # the interval is 250
+    acked, predictions = len(transport.acked), len(transport.published)
+
+    held = agent.store._tx_lock
+    assert held.acquire(timeout=5.0)
+    fired: list[bool] = []
+
+    def end_the_wait() -> None:  # should a step wait for the writer, the test ends instead of hanging
+        fired.append(True)
+        held.release()
+
+    guard = threading.Timer(30.0, end_the_wait)
+    guard.start()
+    try:
+        for m in messages[240:280]:
+            transport.inject(m.topic, m.payload)
+        for _ in range(20):  # bounded: each step returns at once
+            agent.step(timeout=0)
+        guard.cancel()
+        assert not fired, "a step waited for the writer"
+        assert len(transport.published) - predictions == 40  # answered while the writer waits
+        assert agent.position == 280 and agent._unstaged and not agent.store.in_batch
+        assert agent._pending is not None and agent._pending.position == 250  # due, not written
+        assert agent.store.writer_busy > 0
+        assert agent.store.last_seq() == 240  # nothing stored
+    finally:
+        if not fired:
+            held.release()
+    assert agent.store.wait_durable(10.0)
+    assert len(transport.acked) == acked  # and nothing acknowledged
+    drain(agent)
+    assert len(transport.acked) == acked + 40
+    seqs = [r[0] for r in agent.store._conn.execute("SELECT seq FROM inbox ORDER BY seq")]
+    assert seqs == list(range(1, 281))
+    checkpoint = agent.store.load_checkpoint()
+    assert checkpoint is not None and checkpoint.position == 250
+    marked = agent.store._conn.execute("SELECT count(*) FROM inbox WHERE micro_batch IS NOT NULL").fetchone()[0]
+    assert marked == agent.runners["boiler"].metrics_row()["batched"]
+    assert (marked > 0) == micro_batch
+    late = agent.store._conn.execute("SELECT count(*) FROM inbox WHERE micro_batch IS NOT NULL AND seq > 240").fetchone()
+    assert (late[0] > 0) == micro_batch  # marked on the rows before they were stored
+    agent.store.close()  # the process dies: no final checkpoint
+
+    resumed, _, _ = make(tmp_path / "w.db", micro_batch=micro_batch)
+    assert resumed.counters["replayed"] == 30
+    assert_same_models(agent, resumed)
+    resumed.store.close()

@@ -457,7 +457,7 @@ def checkpoint_stalls(workdir: Path, models: int, repeats: int = 5) -> dict[str,
 
 
 def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
-                             leave_behind: bool = True) -> dict[str, Any]:
+                             leave_behind: bool = True, settle: int | None = None) -> dict[str, Any]:
     """Checkpoint pauses as a gateway with ``models`` per-device models sees them: readings
     round-robin over the devices, one at a time (each its own batch, as at a steady rate),
     through the real Agent over a MemoryTransport and a real SQLite store. First
@@ -466,13 +466,14 @@ def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
     recorded (``duration_ms``: its longest step, with its COMMIT when alone), the longest and
     p99 of the agent's steps that took a checkpoint step against those that did not, and the
     models and bytes written per checkpoint. ``leave_behind=False``: every changed model at
-    every checkpoint (``checkpoint_models_max`` above ``models``), as before ``m006``."""
+    every checkpoint (``checkpoint_models_max`` above ``models``), as before ``m006``.
+    ``settle``: readings before the timing, instead of ``checkpoint_replay_max`` (quick runs)."""
     settings = {} if leave_behind else {"checkpoint_models_max": models + 1}
     agent, transport = _make_agent(workdir / f"steady-{models}-{int(leave_behind)}.db", store=settings)
     cfg = agent.config.store
     _warm(agent, transport, models, n=models)
     agent.checkpoint("bench")  # every model saved once
-    settle = min(cfg.checkpoint_replay_max, cfg.inbox_retention)
+    settle = min(cfg.checkpoint_replay_max, cfg.inbox_retention) if settle is None else settle
     timed = intervals * cfg.checkpoint_every_messages
     messages = make_messages(settle + timed, models, boot="steady", seed=11)
     first_timed = None
@@ -490,6 +491,7 @@ def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
         if i >= settle:
             (with_ckpt if busy or agent._pending is not None else without).append(ms)
     agent.commit_group()
+    writer_busy = getattr(agent.store, "writer_busy", None)  # (absent before commits could wait for it)
     rows = agent.store._conn.execute(
         "SELECT duration_ms, slots_written, bytes_written, position - coalesce(replay_from, position)"
         " FROM checkpoints WHERE id >= ? AND reason = 'interval' ORDER BY id", (first_timed,)).fetchall()
@@ -508,6 +510,9 @@ def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
         "step_ms_with_checkpoint_max": round(max(with_ckpt, default=0.0), 3),
         "step_ms_without_p99": round(percentile(sorted(without), 99) or 0.0, 3),
         "step_ms_without_max": round(max(without, default=0.0), 3),
+        "steps_over_5ms": sum(1 for ms in with_ckpt + without if ms > 5.0),
+        "steps": len(with_ckpt) + len(without),
+        "writer_busy": writer_busy,
     }
 
 
@@ -535,6 +540,9 @@ def run_profile(out_json: Path | None = Path("reports/bench-profile.json"), quic
         results["agent_in_process_cprofile"] = agent_in_process(workdir, min(n, 10_000), profile=True)
         results["model_memory"] = model_memory(200 if quick else 1000)
         results["checkpoint"] = {str(m): checkpoint_stalls(workdir, m, 2 if quick else 5) for m in (1, 100, 1000)}
+        results["checkpoint_steady"] = {
+            str(m): checkpoint_pauses_steady(workdir, m, intervals=2 if quick else 10, settle=2_000 if quick else None)
+            for m in (100, 1000)}
         results["process_rss_kb"] = proc_status(__import__("os").getpid())
         b512 = results["stages_batch512"]["us_per_msg"]
         tr = results["transport"]
@@ -591,6 +599,11 @@ def print_profile(results: dict[str, Any]) -> None:
                 f"(every pause p50 {fmt(v.get('pause_ms_p50'))}, p99 {fmt(v.get('pause_ms_p99'))}) in "
                 f"{fmt(v.get('steps_median'))} steps of {fmt(v.get('step_budget_ms'))} ms, whole "
                 f"{fmt(v.get('total_ms_median'))} ms; in one step {fmt(v.get('one_step_ms_median'))} ms")
+    c.print("as messages flow, one at a time round-robin over the devices (checkpoints leave models behind):")
+    for m, v in results.get("checkpoint_steady", {}).items():
+        c.print(f"  {m} models: {fmt(v['models_written_median'])} models, {fmt(v['bytes_written_median'])} B a "
+                f"checkpoint; longest step with checkpoint work {fmt(v['step_ms_with_checkpoint_max'])} ms, "
+                f"without {fmt(v['step_ms_without_max'])} ms; {v['steps_over_5ms']} of {v['steps']} steps over 5 ms")
     c.print(f"store commit: {fmt(b512['store_ms_per_commit'])} ms per batch of 512, "
             f"{fmt(b1['store_ms_per_commit'])} ms per single-message batch")
 

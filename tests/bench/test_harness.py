@@ -111,7 +111,7 @@ def test_a_flood_run_of_the_agent_reports_every_figure(tmp_path: Path) -> None:
 
 
 def test_the_stage_profile_covers_every_stage(tmp_path: Path) -> None:
-    from streamlearn.bench.stages import checkpoint_stalls, model_memory, stage_profile
+    from streamlearn.bench.stages import checkpoint_pauses_steady, checkpoint_stalls, model_memory, stage_profile
 
     prof = stage_profile(tmp_path, n=300, batch=64)
     assert prof["processed"] == 300
@@ -122,6 +122,11 @@ def test_the_stage_profile_covers_every_stage(tmp_path: Path) -> None:
     ck = checkpoint_stalls(tmp_path, models=3, repeats=1)
     assert set(ck) >= {"stall_ms_median", "stall_ms_max", "steps_median", "one_step_ms_median"}
     assert ck["steps_median"] >= 1 and ck["stall_ms_max"] > 0
+    leaving = checkpoint_pauses_steady(tmp_path, models=40, intervals=2, settle=500)
+    every = checkpoint_pauses_steady(tmp_path, models=40, intervals=2, settle=500, leave_behind=False)
+    assert leaving["checkpoints"] >= 1 and every["checkpoints"] >= 1 and leaving["steps"] == 2000
+    assert leaving["models_written_median"] == 32 and every["models_written_median"] == 40  # checkpoint_models_max
+    assert 0 < leaving["replay_rows_max"] <= 20_000 and every["replay_rows_max"] == 0
     mem = model_memory(devices=5)
     assert mem["n_params"] == 8 * 32 + 32 + 32 * 32 + 32 + 32 + 1
     assert mem["checkpoint_bytes_per_model"] > 4 * mem["n_params"]
