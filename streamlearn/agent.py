@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from streamlearn.checkpointing import MIN_MODELS_PER_STEP, PendingCheckpoint
+from streamlearn.checkpointing import MIN_MODELS_PER_STEP, PendingCheckpoint, room_for_step
 from streamlearn.clock import Clock, SystemClock
 from streamlearn.codec import Codec, Reading
 from streamlearn.config import Config
@@ -102,6 +102,7 @@ class Agent:
         # rows (with their dead letters) of the open group taken while the WAL thread's last
         # copy held the writer off: processed, numbered, staged once the writer is free
         self._unstaged: list[tuple[list[InboxRow], list[DeadLetter]]] = []
+        self._staged_late = False  # the open transaction began by staging such rows
         self._next_seq = 1  # the inbox seq the next accepted row gets
         self._last_health = 0.0
         self._recovered = False
@@ -323,8 +324,6 @@ class Agent:
                            or len(self._group) >= 4 * self.config.agent.batch_max)
                 if not self._open_and_stage(wait=wait or overdue):
                     return
-                if self._pending is not None:  # the step its batches could not take
-                    self._completed_in_batch += self._checkpoint_step()
             self.store.commit(on_durable=self._acknowledge(self._group))
         except StoreError as exc:
             self._retry_group(exc)
@@ -344,7 +343,7 @@ class Agent:
             self._store_failed(exc, len(batch))
             if getattr(self.store, "in_batch", False):
                 self.store.rollback()
-            self._unstaged = []
+            self._unstaged, self._staged_late = [], False
             if self._uncommitted:  # learned from rows that are not stored: start again from the store
                 self._reload()
             else:  # numbered, not stored: number them again
@@ -374,6 +373,7 @@ class Agent:
         return self._stop.wait(seconds)
 
     def _after_commit(self) -> None:
+        self._staged_late = False
         dead = self._group_dead
         self._group, self._group_dead = [], []
         self._uncommitted = False
@@ -395,6 +395,9 @@ class Agent:
         if not self.store.begin(wait=wait):
             return False
         unstaged, self._unstaged = self._unstaged, []
+        # this transaction commits soon (its group is due) after the WAL started over (its first
+        # COMMIT into the new file took ~3 ms here): no checkpoint step joins it unless it must
+        self._staged_late = bool(unstaged)
         for rows, dead in unstaged:
             self.store.stage(rows, dead)
         return True
@@ -436,7 +439,7 @@ class Agent:
         else:
             self.store.stage(rows, dead)
         self._uncommitted = True
-        if self._pending is not None and self.store.in_batch:
+        if self._pending is not None and self._may_step(self._pending):
             # one begun before this batch: a step now, so that (with a few models) it is complete
             # before these rows come due for the next one, and that one begins at its own row
             self._completed_in_batch += self._checkpoint_step()
@@ -450,13 +453,20 @@ class Agent:
             for row, reading, received_mono in readings:
                 self._process(row, reading, received_mono)
         pending = self._pending
-        if pending is not None and self.store.in_batch and (
+        if pending is not None and self._may_step(pending) and (
                 pending is pending_before or pending.remaining <= MIN_MODELS_PER_STEP):
             # one begun among this batch's rows: with a few models it completes now; with more,
             # its first step waits for the next batch, not to add to this one's pause the
             # taking of it (~0.7 ms with a thousand models)
             self._completed_in_batch += self._checkpoint_step()
         return dead
+
+    def _may_step(self, pending: PendingCheckpoint) -> bool:
+        """Whether the open transaction (if any) takes a step of ``pending`` now: one that
+        completes it (a few models: a restart then replays at most the interval), or, while
+        it holds little model state, any (its COMMIT grows with it)."""
+        return self.store.in_batch and (pending.remaining <= MIN_MODELS_PER_STEP
+                                        or (room_for_step(self.store) and not self._staged_late))
 
     def _group_can_wait(self) -> bool:
         """Whether the open group may go on taking rows without staging them."""

@@ -215,6 +215,7 @@ def stage_profile(workdir: Path, n: int, batch: int, devices: int = 1) -> dict[s
         finally:
             stream_mod.orjson = saved_orjson
     processed = agent.counters["processed"] - processed0
+    agent.store.flush_durations()
     recorded = [r[0] for r in agent.store._conn.execute("SELECT duration_ms FROM checkpoints")]
     agent.store.close()
     t = probe.t
@@ -438,6 +439,7 @@ def checkpoint_stalls(workdir: Path, models: int, repeats: int = 5) -> dict[str,
         t0 = time.perf_counter()
         agent.checkpoint("bench")
         one_shot.append((time.perf_counter() - t0) * 1000.0)
+    agent.store.flush_durations()
     recorded = [r[0] for r in agent.store._conn.execute(
         "SELECT duration_ms FROM checkpoints WHERE reason = 'bench' ORDER BY id DESC LIMIT ?", (2 * repeats,))][repeats:]
     step_ms = agent.config.store.checkpoint_step_ms
@@ -468,8 +470,14 @@ def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
     models and bytes written per checkpoint. ``leave_behind=False``: every changed model at
     every checkpoint (``checkpoint_models_max`` above ``models``), as before ``m006``.
     ``settle``: readings before the timing, instead of ``checkpoint_replay_max`` (quick runs)."""
+    from streamlearn.cli import SWITCH_INTERVAL_S
+
     settings = {} if leave_behind else {"checkpoint_models_max": models + 1}
     agent, transport = _make_agent(workdir / f"steady-{models}-{int(leave_behind)}.db", store=settings)
+    # as `streamlearn run` sets it: with the default 5 ms, each time the store's threads (the WAL
+    # copy, the fsync) want the GIL back the agent's step can take 5 ms longer
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     cfg = agent.config.store
     _warm(agent, transport, models, n=models)
     agent.checkpoint("bench")  # every model saved once
@@ -479,19 +487,23 @@ def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
     first_timed = None
     with_ckpt: list[float] = []
     without: list[float] = []
-    for i, (topic, payload) in enumerate(messages):
-        if i == settle:
-            agent.commit_group()
-            first_timed = agent.store.next_checkpoint_id()
-        transport.inject(topic, payload)
-        busy = agent._pending is not None
-        t0 = time.perf_counter()
-        agent.step(timeout=0.0)
-        ms = (time.perf_counter() - t0) * 1000.0
-        if i >= settle:
-            (with_ckpt if busy or agent._pending is not None else without).append(ms)
-    agent.commit_group()
+    try:
+        for i, (topic, payload) in enumerate(messages):
+            if i == settle:
+                agent.commit_group()
+                first_timed = agent.store.next_checkpoint_id()
+            transport.inject(topic, payload)
+            busy = agent._pending is not None
+            t0 = time.perf_counter()
+            agent.step(timeout=0.0)
+            ms = (time.perf_counter() - t0) * 1000.0
+            if i >= settle:
+                (with_ckpt if busy or agent._pending is not None else without).append(ms)
+        agent.commit_group()
+    finally:
+        sys.setswitchinterval(switch_interval)
     writer_busy = getattr(agent.store, "writer_busy", None)  # (absent before commits could wait for it)
+    getattr(agent.store, "flush_durations", lambda: None)()
     rows = agent.store._conn.execute(
         "SELECT duration_ms, slots_written, bytes_written, position - coalesce(replay_from, position)"
         " FROM checkpoints WHERE id >= ? AND reason = 'interval' ORDER BY id", (first_timed,)).fetchall()

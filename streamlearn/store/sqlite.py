@@ -21,8 +21,11 @@ Durability rules this module keeps:
   connection (:class:`WalCheckpointer`). SQLite's automatic checkpoint, at 4 MiB
   by default, would copy it all and fsync the file inside whichever commit
   crossed the threshold: a pause of 10-50 ms on the message path. It stays on at
-  32 MiB, as a backstop should the thread fall behind. The WAL is truncated back
-  to 4 MiB when it starts over (``journal_size_limit``).
+  32 MiB, as a backstop should the thread fall behind. That thread also cuts the
+  WAL file back to 4 MiB once it has copied it all (the writer's connection never
+  truncates it: ``journal_size_limit = -1``), holding the writer off meanwhile; the
+  agent processes what arrives meanwhile and stages it afterwards
+  (``begin(wait=False)``).
 * Tensors are stored with safetensors, small state as JSON: loading a store never
   unpickles anything.
 * One process at a time: an exclusive ``flock`` on ``<store>.lock``.
@@ -156,6 +159,8 @@ class SQLiteStore:
         self._tx_steps: dict[int, float] = {}
         self._tx_finishes: list[int] = []
         self._stall_max_ms: dict[int, float] = {}  # per checkpoint being written: its longest pause
+        self._durations_due: dict[int, float] = {}  # of checkpoints completed, for the next transaction
+        self._tx_checkpoint_bytes = 0  # checkpoint data (models) in the open transaction
         self.last_checkpoint_ms = 0.0
         # inbox rows at or below this seq are past the retention behind the last committed
         # checkpoint; batches delete them a few at a time (see stage)
@@ -171,7 +176,10 @@ class SQLiteStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA synchronous={self._sync_pragma}")
             self._conn.execute("PRAGMA busy_timeout=5000")
-            self._conn.execute("PRAGMA journal_size_limit=4194304")
+            # the writer never cuts the WAL file back itself: an ftruncate of a 10 MB file took 9 ms
+            # on the agent's thread here (the WAL started over by its own transaction, after the
+            # background thread had copied it all); the WalCheckpointer does it, holding it off
+            self._conn.execute("PRAGMA journal_size_limit=-1")
             # the WalCheckpointer copies the WAL from its own thread; SQLite's own checkpoint in
             # our commits stays as a backstop, should that thread fall behind
             self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
@@ -220,6 +228,7 @@ class SQLiteStore:
         """Finish the fsyncs asked for, checkpoint the WAL into the main file and release the lock."""
         if getattr(self, "_conn", None) is None:
             return
+        self.flush_durations()
         if self._syncer is not None:
             self._syncer.stop()
         self._wal_checkpointer.stop()
@@ -266,6 +275,12 @@ class SQLiteStore:
     def in_batch(self) -> bool:
         return self._in_batch
 
+    @property
+    def checkpoint_bytes_in_tx(self) -> int:
+        """Model states written in the open transaction so far (its COMMIT costs about 1.5 ms
+        and 2 ms more per MB of them here)."""
+        return self._tx_checkpoint_bytes
+
     def begin(self, durable: bool = True, wait: bool = True) -> bool:
         """Open the batch transaction (``durable=False``: commit it without an fsync); True.
 
@@ -288,6 +303,9 @@ class SQLiteStore:
             raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from None
         self._in_batch = True
         self._durable = durable
+        if self._durations_due:
+            self._record_durations()
+        self._tx_checkpoint_bytes = 0
         self._tx_steps = {}
         self._tx_finishes = []
         self._tx_bytes = 0
@@ -399,7 +417,9 @@ class SQLiteStore:
                 stall = work_ms + commit_ms
                 self._stall_max_ms[checkpoint_id] = max(self._stall_max_ms.get(checkpoint_id, 0.0), stall)
             for checkpoint_id in finishes:
-                self._record_duration(checkpoint_id, self._stall_max_ms.pop(checkpoint_id, 0.0))
+                # written with the next transaction: on its own, outside the writer's lock, it
+                # waited up to 9 ms for the WAL thread's last copy
+                self._durations_due[checkpoint_id] = self._stall_max_ms.pop(checkpoint_id, 0.0)
 
     @property
     def sync_error(self) -> str | None:
@@ -563,6 +583,7 @@ class SQLiteStore:
                 state = slot.state_json if slot.state_json is not None else _json(slot.state)
                 n_bytes += len(tensors) + len(state)
                 self._tx_bytes += len(tensors) + len(state)
+                self._tx_checkpoint_bytes += len(tensors) + len(state)
                 cur.execute(
                     "INSERT OR REPLACE INTO models (stream, model_key, checkpoint_id, tensors, state, updated_at,"
                     " position) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -626,16 +647,29 @@ class SQLiteStore:
         self._note_work(checkpoint_id, started)
         self._tx_finishes.append(checkpoint_id)
 
-    def _record_duration(self, checkpoint_id: int, duration_ms: float) -> None:
-        """Store the longest pause among a checkpoint's steps (collecting and writing; the COMMIT
-        too when the step had a transaction of its own)."""
+    def flush_durations(self) -> None:
+        """Write the pauses of completed checkpoints not yet recorded (``close`` does; readers of
+        ``checkpoints.duration_ms`` in the same process, like the benchmarks, may)."""
+        if not self._durations_due or self._in_batch:
+            return
         try:
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("UPDATE checkpoints SET duration_ms = ? WHERE id = ?", (duration_ms, checkpoint_id))
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            logger.warning("could not record the checkpoints' durations: %s", exc)
+            return
+        self._record_durations()
+        self._conn.execute("COMMIT")
+
+    def _record_durations(self) -> None:
+        """In the transaction just begun: the longest pause among the steps (collecting and
+        writing; the COMMIT too when the step had a transaction of its own) of each checkpoint
+        completed since the last one."""
+        due, self._durations_due = self._durations_due, {}
+        try:
+            self._conn.executemany("UPDATE checkpoints SET duration_ms = ? WHERE id = ?",
+                                   [(ms, checkpoint_id) for checkpoint_id, ms in due.items()])
         except sqlite3.Error as exc:  # only a figure is lost
-            logger.warning("could not record the checkpoint's duration: %s", exc)
-        finally:
-            self._conn.execute(f"PRAGMA synchronous={self._sync_pragma}")
+            logger.warning("could not record the checkpoints' durations: %s", exc)
 
     def _prune(self, cur: sqlite3.Cursor, position: int, now: float, replay_from: int | None = None) -> None:
         """What a checkpoint deletes (a few rows each); the inbox and the dead letters past their
@@ -675,14 +709,14 @@ class WalCheckpointer:
     A PASSIVE checkpoint never waits for the writer or for readers (it copies what
     no reader still needs), and the sqlite3 module releases the GIL while SQLite
     works, so the agent's thread goes on handling messages meanwhile. But the WAL
-    only starts over (and is truncated to ``journal_size_limit``) when a write
-    transaction begins after a checkpoint copied all of it, and under a steady
-    stream of commits a concurrent checkpoint rarely ends with nothing left. So
-    once the WAL holds ``restart_bytes``, the thread copies the bulk first, then
-    takes ``tx_lock`` (the store holds it from BEGIN to COMMIT), so that no
-    transaction starts meanwhile, and copies the last few frames (at most about
-    ``FINAL_BYTES_MAX``): the agent waits for that small copy only, and its next
-    transaction starts the WAL over.
+    only starts over when a write transaction begins after a checkpoint copied all
+    of it, and under a steady stream of commits a concurrent checkpoint rarely ends
+    with nothing left. So once the WAL holds ``restart_bytes``, the thread copies
+    the bulk first, then takes ``tx_lock`` (the store holds it from BEGIN to
+    COMMIT), so that no transaction starts meanwhile, copies the last few frames (at
+    most about ``FINAL_BYTES_MAX``) and truncates the file; the agent does not
+    wait for it (``SQLiteStore.begin(wait=False)``: it stages what it took
+    meanwhile afterwards).
 
     Parameters
     ----------
@@ -698,18 +732,26 @@ class WalCheckpointer:
         comes, while a slow trickle costs one checkpoint (and fsync) a second.
     restart_bytes
         WAL content from which the thread makes sure it starts over.
+    truncate_bytes
+        A WAL file larger than this (content started over in a file a burst had grown) is
+        cut back by the same last copy, once all of it is copied: the writer's own
+        connection never truncates it (``journal_size_limit = -1``), since that ftruncate
+        took ~9 ms on the agent's thread.
     """
 
     FINAL_BYTES_MAX = 64 << 10  # at most about this much is left for the copy the agent may wait for
     HARD_BYTES = 16 << 20  # beyond this the WAL is started over even if the agent has to wait longer
 
     def __init__(self, path: Path, tx_lock: threading.Lock, interval: float = 1.0,
-                 restart_bytes: int = 4 << 20, wake_bytes: int = 1 << 20) -> None:
+                 restart_bytes: int = 4 << 20, wake_bytes: int = 1 << 20, truncate_bytes: int = 4 << 20) -> None:
         self.path = path
+        self.wal_path = path.with_name(path.name + "-wal")
+        self.truncate_bytes = truncate_bytes
         self.tx_lock = tx_lock
         self.interval = interval
         self.restart_bytes = restart_bytes
         self.checkpoints = 0
+        self.restarts = 0  # the WAL started over by the last copy
         self.wake_bytes = wake_bytes
         self._written = 0
         self._since_copy = 0  # written since the last checkpoint began
@@ -723,6 +765,9 @@ class WalCheckpointer:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             page = int(conn.execute("PRAGMA page_size").fetchone()[0])
             conn.execute("PRAGMA busy_timeout=20")  # the final copy holds the writer's lock meanwhile
+            # (checkpoints sync the WAL before and the database after either way; NORMAL spares the
+            # one commit this thread makes, below, the sync of its frame)
+            conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             logger.error("the WAL checkpointer cannot open %s (the agent's own commits will copy the WAL): %s",
                          self.path, exc)
@@ -740,7 +785,12 @@ class WalCheckpointer:
                         _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                         self.checkpoints += 1
                         if frames * page < self.restart_bytes or copied < frames:
-                            break  # small, or a reader still needs old frames: nothing to start over
+                            # small, or a reader still needs old frames: nothing to start over; but a
+                            # file left large by a burst (the WAL started over in it) is cut back
+                            if copied == frames and self._since_copy <= self.FINAL_BYTES_MAX \
+                                    and self._wal_size() > self.truncate_bytes:
+                                self._final_copy(conn)
+                            break
                         # the agent writing back to back (a checkpoint of many models with no
                         # message waiting) never leaves little: past HARD_BYTES, it waits longer
                         if self._since_copy <= self.FINAL_BYTES_MAX or frames * page >= self.HARD_BYTES:
@@ -756,6 +806,12 @@ class WalCheckpointer:
         finally:
             conn.close()
 
+    def _wal_size(self) -> int:
+        try:
+            return self.wal_path.stat().st_size
+        except OSError:
+            return 0
+
     def _final_copy(self, conn: sqlite3.Connection) -> None:
         """Copy what the agent wrote since, with no transaction of its under way."""
         if not self.tx_lock.acquire(timeout=1.0):
@@ -764,8 +820,19 @@ class WalCheckpointer:
             # TRUNCATE: with no writer, copy the rest and start the WAL over now (an agent that has
             # gone idle would never begin the transaction that does it); it waits at most
             # busy_timeout for readers, and if one stays, the next write starts it over instead
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy and frames == 0:
+                # the first commit into a WAL started over writes its header and syncs it (9-10 ms
+                # here while other fsyncs run); make it this thread's, still holding the writer off,
+                # so that the agent's next COMMIT appends without that sync
+                self.restarts += 1
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT OR REPLACE INTO agent_info (key, value) VALUES ('wal_started_over_at', ?)",
+                             (repr(time.time()),))
+                conn.execute("COMMIT")
         finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             self.tx_lock.release()
 
     def wrote(self, n_bytes: int) -> None:
