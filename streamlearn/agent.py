@@ -103,6 +103,7 @@ class Agent:
         # copy held the writer off: processed, numbered, staged once the writer is free
         self._unstaged: list[tuple[list[InboxRow], list[DeadLetter]]] = []
         self._staged_late = False  # the open transaction began by staging such rows
+        self._step_deferred = False  # the last step alone found the writer held off
         self._next_seq = 1  # the inbox seq the next accepted row gets
         self._last_health = 0.0
         self._recovered = False
@@ -268,8 +269,9 @@ class Agent:
             if self._unstaged and wait == 0.0:
                 wait = WRITER_POLL_S  # due, but the writer is held off: look again shortly, not in a spin
         else:
-            # with a checkpoint under way, take what is there and write the next step of it
-            wait, room = (0.0 if self._pending else timeout), batch_max
+            # with a checkpoint under way, take what is there and write the next step of it (or,
+            # while the writer is held off, look again shortly)
+            wait, room = (timeout if not self._pending else WRITER_POLL_S if self._step_deferred else 0.0), batch_max
         batch = self.transport.receive(max(1, room), wait)
         if batch:
             self.ingest(batch, commit=False)
@@ -706,7 +708,8 @@ class Agent:
         pending = self._pending
         assert pending is not None
         try:
-            if not self.store.begin(durable=False, wait=wait):
+            self._step_deferred = not self.store.begin(durable=False, wait=wait)
+            if self._step_deferred:
                 return True
             try:
                 completes = self._checkpoint_step(budget_s)
