@@ -588,6 +588,10 @@ def assert_same_models(live: Agent, resumed: Agent) -> None:
             assert slot.policy.state() == theirs.policy.state(), key
             assert slot.drift.state() == theirs.drift.state(), key
             assert slot.features.state() == theirs.features.state(), key
+            assert set(slot.waiting) == set(theirs.waiting), key  # forecast: readings waiting for targets
+            for device, queue in slot.waiting.items():
+                assert [(x.tolist(), p, h) for x, p, h in queue] == \
+                    [(x.tolist(), p, h) for x, p, h in theirs.waiting[device]], key
         assert runner.counters == other.counters  # no reading learned twice, none missed
         assert runner.last_seq == other.last_seq
 
@@ -595,9 +599,14 @@ def assert_same_models(live: Agent, resumed: Agent) -> None:
 LEAVE_BEHIND = {"checkpoint_models_max": 3, "checkpoint_replay_max": 20_000, "inbox_retention": 600}
 
 
-@pytest.mark.parametrize("micro_batch", [False, True])
+FORECAST = {"features": ["t_in", "flow"], "label": {"source": "forecast", "field": "t_in", "horizon": 3},
+            "lags": 2}
+
+
+@pytest.mark.parametrize("micro_batch,stream", [(False, {}), (True, {}), (False, FORECAST)],
+                         ids=["strict", "micro-batches", "forecast"])
 def test_checkpoints_leave_models_behind_and_a_restart_catches_them_up_exactly(
-        tmp_path: Path, micro_batch: bool) -> None:
+        tmp_path: Path, micro_batch: bool, stream: dict[str, Any]) -> None:
     """Twelve device models, a checkpoint every 250 readings writing at most 3 of the changed
     ones (those saved longest ago first) and every one saved 600 rows ago (the inbox keeps
     600 behind the checkpoint, which bounds the setting of 20,000): the others keep older
@@ -605,8 +614,8 @@ def test_checkpoints_leave_models_behind_and_a_restart_catches_them_up_exactly(
     behind, its readings since its own row (and everything after the checkpoint, as
     before), and lands on the models, counters and sequence numbers the agent had, with
     drift events stored once."""
-    messages = list(SensorSimulator(config(tmp_path / "x.db").streams[0], devices=12, seed=5).messages(1170))
-    live, t1, _ = make(tmp_path / "lb.db", micro_batch=micro_batch, store_settings=LEAVE_BEHIND)
+    messages = list(SensorSimulator(config(tmp_path / "x.db", **stream).streams[0], devices=12, seed=5).messages(1170))
+    live, t1, _ = make(tmp_path / "lb.db", micro_batch=micro_batch, store_settings=LEAVE_BEHIND, **stream)
     run_messages(live, t1, messages[:900])
     for m in messages[900:]:  # a trickle at the end: some readings learned on their own
         t1.inject(m.topic, m.payload)
@@ -622,7 +631,7 @@ def test_checkpoints_leave_models_behind_and_a_restart_catches_them_up_exactly(
     assert live.store.load_checkpoint().position < live.position
     live.store.close()  # the process dies: no final checkpoint
 
-    resumed, _, _ = make(tmp_path / "lb.db", micro_batch=micro_batch, store_settings=LEAVE_BEHIND)
+    resumed, _, _ = make(tmp_path / "lb.db", micro_batch=micro_batch, store_settings=LEAVE_BEHIND, **stream)
     assert resumed.counters["caught_up"] > 0 and resumed.counters["replayed"] > 0
     assert_same_models(live, resumed)
     assert resumed.store._conn.execute("SELECT count(*) FROM drift_events").fetchone()[0] == \
@@ -631,6 +640,22 @@ def test_checkpoints_leave_models_behind_and_a_restart_catches_them_up_exactly(
     last = resumed.store.load_checkpoint()
     assert last.replay_from == last.position and all(s.position == last.position for s in last.slots)
     resumed.store.close()
+
+
+def test_streams_with_labels_on_a_topic_leave_no_model_behind(tmp_path: Path) -> None:
+    """A label on a topic of its own joins its reading through the stream's state, which a
+    catch-up does not replay: such a stream's checkpoints write every changed model."""
+    topic = {"task": "binary", "label": {"source": "topic", "topic": "s/+/boiler/label", "id_field": "rid",
+                                          "field": "hot"}}
+    messages = list(SensorSimulator(config(tmp_path / "x.db", **topic).streams[0], devices=12, seed=5).messages(1000))
+    agent, t, _ = make(tmp_path / "t.db", store_settings=LEAVE_BEHIND, **topic)
+    run_messages(agent, t, messages)
+    rows = agent.store._conn.execute(
+        "SELECT replay_from, slots_written FROM checkpoints WHERE reason = 'interval'").fetchall()
+    assert rows and all(replay_from is None for replay_from, _ in rows)
+    assert max(written for _, written in rows) > LEAVE_BEHIND["checkpoint_models_max"]
+    assert agent.counters["models_left_behind"] == 0
+    agent.store.close()
 
 
 def test_a_catch_up_changes_the_model_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
