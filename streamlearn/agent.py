@@ -167,7 +167,7 @@ class Agent:
             logger.info("replayed %d inbox rows after the checkpoint", replayed)
         if replayed or caught_up:
             self.checkpoint("replay")
-        self._next_seq = max(self.store.last_seq(), self.position) + 1
+        self._next_seq = self._first_free_seq()
         self._recovered = True
         return replayed
 
@@ -323,7 +323,7 @@ class Agent:
         try:
             if self._unstaged:
                 overdue = (self.clock.monotonic() - self._group_deadline > GROUP_DEFER_MAX_S
-                           or len(self._group) >= 4 * self.config.agent.batch_max)
+                           or not self._group_can_wait())
                 if not self._open_and_stage(wait=wait or overdue):
                     return
             self.store.commit(on_durable=self._acknowledge(self._group))
@@ -349,7 +349,7 @@ class Agent:
             if self._uncommitted:  # learned from rows that are not stored: start again from the store
                 self._reload()
             else:  # numbered, not stored: number them again
-                self._next_seq = max(self.store.last_seq(), self.position) + 1
+                self._next_seq = self._first_free_seq()
             if self._pause(delay):
                 self._group, self._group_dead = [], []
                 raise StoreError(f"stopped while the store refused writes: {exc}") from None
@@ -469,6 +469,10 @@ class Agent:
         it holds little model state, any (its COMMIT grows with it)."""
         return self.store.in_batch and (pending.remaining <= MIN_MODELS_PER_STEP
                                         or (room_for_step(self.store) and not self._staged_late))
+
+    def _first_free_seq(self) -> int:
+        """The inbox seq after every stored row and the position (rows pruned may be below it)."""
+        return max(self.store.last_seq(), self.position) + 1
 
     def _group_can_wait(self) -> bool:
         """Whether the open group may go on taking rows without staging them."""

@@ -803,7 +803,7 @@ class StreamRunner:
     def behind(self, row: InboxRow) -> bool:
         """Whether inbox ``row`` (at or before the checkpoint's position) is one of a model's
         readings not in its saved state: a model saved before it, or not saved at all."""
-        if row.kind != "reading" or not self.batchable and self.source != "forecast":
+        if row.kind != "reading" or not self.can_leave_behind:
             return False
         slot = self.slots.get(self.slot_key(row.device))
         return slot is None or slot.since < row.seq

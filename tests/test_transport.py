@@ -38,6 +38,17 @@ def pumping(condition, *transports: MqttTransport):  # type: ignore[no-untyped-d
     return check
 
 
+def deliver(transport: MqttTransport, pub: Publisher, topic: str, n: int) -> list:
+    """Once ``transport`` is subscribed, publish ``n`` readings on ``topic`` and receive them all."""
+    assert transport.wait_subscribed(10)
+    for i in range(n):
+        pub.publish(topic, b"%d" % i)
+    assert pub.flush(10)
+    got = receive_at_least(transport, n)
+    assert len(got) == n
+    return got
+
+
 def receive_at_least(transport: MqttTransport, n: int, timeout: float = 10.0) -> list:
     """Receive until ``n`` messages came (they may come in more than one batch) or ``timeout`` s."""
     got: list = []
@@ -551,12 +562,7 @@ def test_acknowledgements_from_another_thread_are_written_by_the_loop_thread(bro
     transport.start(["ho/#"])
     pub = Publisher("127.0.0.1", broker.port, client_id="ho-pub")
     try:
-        assert transport.wait_subscribed(10)
-        for i in range(5):
-            pub.publish("ho/a", b"%d" % i)
-        assert pub.flush(10)
-        got = receive_at_least(transport, 5)
-        assert len(got) == 5
+        got = deliver(transport, pub, "ho/a", 5)
         worker = threading.Thread(target=transport.ack, args=(got,))
         worker.start()
         worker.join(5)
@@ -622,11 +628,7 @@ def test_acknowledgements_handed_over_wake_the_loop_thread_from_its_wait(broker:
     transport.start(["wk/#"])
     pub = Publisher("127.0.0.1", broker.port, client_id="wk-pub")
     try:
-        assert transport.wait_subscribed(10)
-        pub.publish("wk/a", b"1")
-        assert pub.flush(10)
-        got = receive_at_least(transport, 1)
-        assert len(got) == 1
+        got = deliver(transport, pub, "wk/a", 1)
         written_after: list[float] = []
 
         def ack_while_waiting() -> None:

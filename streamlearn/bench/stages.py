@@ -503,7 +503,7 @@ def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
     finally:
         sys.setswitchinterval(switch_interval)
     writer_busy = getattr(agent.store, "writer_busy", None)  # (absent before commits could wait for it)
-    getattr(agent.store, "flush_durations", lambda: None)()
+    getattr(agent.store, "flush_durations", lambda: None)()  # (absent too: for side-by-side runs on old commits)
     rows = agent.store._conn.execute(
         "SELECT duration_ms, slots_written, bytes_written, position - coalesce(replay_from, position)"
         " FROM checkpoints WHERE id >= ? AND reason = 'interval' ORDER BY id", (first_timed,)).fetchall()

@@ -751,7 +751,6 @@ class WalCheckpointer:
         self.interval = interval
         self.restart_bytes = restart_bytes
         self.checkpoints = 0
-        self.restarts = 0  # the WAL started over by the last copy
         self.wake_bytes = wake_bytes
         self._written = 0
         self._since_copy = 0  # written since the last checkpoint began
@@ -822,10 +821,9 @@ class WalCheckpointer:
             # busy_timeout for readers, and if one stays, the next write starts it over instead
             busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if not busy and frames == 0:
-                # the first commit into a WAL started over writes its header and syncs it (9-10 ms
-                # here while other fsyncs run); make it this thread's, still holding the writer off,
-                # so that the agent's next COMMIT appends without that sync
-                self.restarts += 1
+                # the first commit into a WAL started over writes its header and syncs it (0.19 ms
+                # against 0.02 for the next, on an idle disk in a one-off check); make it this
+                # thread's, still holding the writer off, so that the agent's next COMMIT appends
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("INSERT OR REPLACE INTO agent_info (key, value) VALUES ('wal_started_over_at', ?)",
                              (repr(time.time()),))
