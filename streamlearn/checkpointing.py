@@ -136,7 +136,7 @@ class PendingCheckpoint:
             choose_models(runners, position, models_max, replay_max, rows)
         self.keys = {name: r.begin_capture(write, None if chosen is None else chosen[name])
                      for name, r in runners.items()}
-        self.left_behind = sum(len(r.changed()) for r in runners.values()) if chosen is not None else 0
+        self.left_behind = sum(r.changed_count() for r in runners.values()) if chosen is not None else 0
         self._todo = [(name, key) for name, keys in self.keys.items() for key in keys]
         self._todo.reverse()  # popped from the end: in stream and model order
         self.slots_written = 0

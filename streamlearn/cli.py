@@ -157,7 +157,7 @@ def run(config_path: str, log_level: str | None, max_messages: int | None) -> No
         status_topic = f"{config.mqtt.topic_prefix}/{config.agent.gateway}/status"
         transport = MqttTransport(config.mqtt, config.client_id, status_topic,
                                   network_loop=config.mqtt.network_loop)
-        agent = Agent(config, transport, store)
+        agent = Agent(config, transport, store, freeze_gc=True)
         # the store's fsync thread (and, with mqtt.network_loop = "thread", paho's network thread,
         # which writes our predictions and reads the next readings): with the default 5 ms GIL
         # switch interval each waits up to 5 ms each time the agent's thread is busy

@@ -123,7 +123,8 @@ class _OrjsonShim:
         return getattr(orjson, name)
 
 
-def _make_agent(store_path: Path, batch_max: int = 512, store: dict[str, Any] | None = None) -> tuple[Any, Any]:
+def _make_agent(store_path: Path, batch_max: int = 512, store: dict[str, Any] | None = None,
+                freeze_gc: bool = False) -> tuple[Any, Any]:
     from streamlearn.agent import Agent, open_store
     from streamlearn.config import parse_config
     from streamlearn.transport.memory import MemoryTransport
@@ -133,7 +134,7 @@ def _make_agent(store_path: Path, batch_max: int = 512, store: dict[str, Any] | 
     data["store"].update(store or {})
     cfg = parse_config(data)
     transport = MemoryTransport()
-    agent = Agent(cfg, transport, open_store(cfg))
+    agent = Agent(cfg, transport, open_store(cfg), freeze_gc=freeze_gc)
     agent.recover()
     transport.start(agent.codec.subscriptions)
     return agent, transport
@@ -413,7 +414,7 @@ def checkpoint_stalls(workdir: Path, models: int, repeats: int = 5) -> dict[str,
     def mark_dirty() -> None:
         for runner in agent.runners.values():
             for slot in runner.slots.values():
-                slot.dirty = True
+                slot.mark_changed()
 
     stalls, totals, steps, one_shot, every = [], [], [], [], []
     for _ in range(repeats):
@@ -473,21 +474,26 @@ def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
     from streamlearn.cli import SWITCH_INTERVAL_S
 
     settings = {} if leave_behind else {"checkpoint_models_max": models + 1}
-    agent, transport = _make_agent(workdir / f"steady-{models}-{int(leave_behind)}.db", store=settings)
-    # as `streamlearn run` sets it: with the default 5 ms, each time the store's threads (the WAL
-    # copy, the fsync) want the GIL back the agent's step can take 5 ms longer
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # as `streamlearn run` does: what is imported is frozen, and so are the models once made (a
+    # full collection walked them for 50 ms with a thousand); and with the default 5 ms GIL switch
+    # interval, each time the store's threads (the WAL copy, the fsync) want the GIL back the
+    # agent's step can take 5 ms longer
+    agent, transport = _make_agent(workdir / f"steady-{models}-{int(leave_behind)}.db", store=settings,
+                                   freeze_gc=True)
     cfg = agent.config.store
-    _warm(agent, transport, models, n=models)
-    agent.checkpoint("bench")  # every model saved once
     settle = min(cfg.checkpoint_replay_max, cfg.inbox_retention) if settle is None else settle
     timed = intervals * cfg.checkpoint_every_messages
-    messages = make_messages(settle + timed, models, boot="steady", seed=11)
+    messages = make_messages(settle + timed, models, boot="steady", seed=11)  # (frozen too: not the agent's)
+    gc.collect()
+    gc.freeze()
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     first_timed = None
     with_ckpt: list[float] = []
     without: list[float] = []
     try:
+        _warm(agent, transport, models, n=models)
+        agent.checkpoint("bench")  # every model saved once
         for i, (topic, payload) in enumerate(messages):
             if i == settle:
                 agent.commit_group()
@@ -502,6 +508,7 @@ def checkpoint_pauses_steady(workdir: Path, models: int, intervals: int = 10,
         agent.commit_group()
     finally:
         sys.setswitchinterval(switch_interval)
+        gc.unfreeze()
     writer_busy = getattr(agent.store, "writer_busy", None)  # (absent before commits could wait for it)
     getattr(agent.store, "flush_durations", lambda: None)()  # (absent too: for side-by-side runs on old commits)
     rows = agent.store._conn.execute(
