@@ -216,6 +216,7 @@ class Agent:
         """Forget the in-memory state and rebuild it from the store (after a failed commit)."""
         self.counters["reloads"] += 1
         self.runners = self._new_runners()
+        self._frozen_models = 0  # the models loaded again are new objects: frozen at the next step
         self.recover()
 
     # -- the loop --------------------------------------------------------------------

@@ -75,14 +75,14 @@ MAX_WINDOW = 65_000  # paho refuses a publish whose packet id (1..65535) is stil
 # disconnects this soon after a connect, this many within FLAP_WINDOW_S, make a warning (not fatal:
 # a broker restarting every few seconds looks the same from here)
 FLAP_AFTER_CONNECT_S = 5.0
-MESSAGE_OVERHEAD = 320  # bytes a queued Message costs beside its payload and topic (tracemalloc: ~270)
+MESSAGE_OVERHEAD = 320  # bytes a queued message costs beside its payload and topic (tracemalloc: ~270)
 # What the receive queue holds: plain tuples of a Message's fields, in its order, which the garbage
 # collector stops tracking (atomic contents) and so never walks. After an outage Mosquitto sends
 # past its in-flight limit and the queue holds up to max_backlog_bytes (~40,000 readings): as
 # Message objects each full collection walked them all, 13 ms for 40,000 (11.5 ms median, 28 ms
 # longest, 24 times per 100,000 readings in a backlog drain); as tuples 0.3 ms
 QueuedMessage = tuple[str, bytes, int, bool, int, float, float, int]
-_TOPIC, _PAYLOAD, _QOS, _GENERATION = 0, 1, 2, 7
+_TOPIC, _PAYLOAD, _QOS, _RECEIVED_AT, _RECEIVED_MONO, _GENERATION = 0, 1, 2, 5, 6, 7
 FLAP_COUNT = 3
 FLAP_WINDOW_S = 30.0
 
@@ -715,7 +715,8 @@ class MqttTransport:
                     m = Message(*queued)
                 else:
                     mid, qos, generation = over
-                    m = Message(queued[0], queued[1], qos, True, mid, queued[5], queued[6], generation)
+                    m = Message(queued[_TOPIC], queued[_PAYLOAD], qos, True, mid, queued[_RECEIVED_AT],
+                                queued[_RECEIVED_MONO], generation)
                 self._backlog_bytes -= len(m.payload) + len(m.topic) + MESSAGE_OVERHEAD
                 if self._stale and m.generation != self._generation:
                     copies = self._stale.get((m.topic, m.payload))
