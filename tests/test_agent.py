@@ -712,7 +712,8 @@ def test_with_freeze_gc_models_are_kept_out_of_full_collections_once_made(tmp_pa
         walked = {id(o) for o in gc.get_objects()}  # (frozen objects are not among them)
         assert not any(id(slot) in walked or id(slot.learner) in walked for slot in slots)
         run_messages(agent, t, messages[40:60])  # 60 models: fewer than 32 new, none frozen yet
-        newer = [s for key, s in agent.runners["boiler"].slots.items() if all(s is not o for o in slots)]
+        first = {id(slot) for slot in slots}
+        newer = [s for s in agent.runners["boiler"].slots.values() if id(s) not in first]
         walked = {id(o) for o in gc.get_objects()}
         assert len(newer) == 20 and all(id(slot) in walked for slot in newer)
         run_messages(agent, t, messages[60:])
