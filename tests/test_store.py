@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,43 @@ def test_an_old_store_is_migrated_and_migrations_are_recorded(store_path: Path) 
         ("s", "d1", 1, 5)]
     assert conn.execute("SELECT count(*) FROM drift_events").fetchone() == (0,)
     SQLiteStore(store_path).close()  # applying again is a no-op
+
+
+def test_the_wal_threads_turn_comes_before_the_writers_next() -> None:
+    """A plain lock let a writer committing back to back take it again before the waiting WAL
+    thread ran; the writer lock hands it to the WAL thread at the writer's next release."""
+    from streamlearn.store.sqlite import WriterLock
+
+    lock = WriterLock()
+    assert lock.acquire()  # the writer's transaction
+    order: list[str] = []
+    got = threading.Event()
+
+    def wal_thread() -> None:
+        if lock.acquire_first(timeout=10.0):
+            order.append("wal")
+            got.set()
+            time.sleep(0.05)  # its last copy, holding the writer off
+            order.append("wal done")
+            lock.release()
+
+    t = threading.Thread(target=wal_thread)
+    t.start()
+    deadline = time.monotonic() + 10.0
+    while not lock._wanted and time.monotonic() < deadline:  # until the WAL thread waits
+        time.sleep(0.001)
+    assert lock._wanted
+    assert not lock.acquire(blocking=False)  # the agent's begin(wait=False): held off at once
+    for i in range(200):  # the writer, back to back: release and take it again at once
+        lock.release()
+        assert lock.acquire(timeout=10.0)
+        order.append(f"writer {i}")
+        if got.is_set():
+            break
+    lock.release()
+    t.join(10.0)
+    assert order[:2] == ["wal", "wal done"], order[:5]  # its turn came at the writer's first release
+    assert order[2] == "writer 0"
 
 
 def test_the_wal_is_copied_off_the_writer_and_starts_over(store_path: Path) -> None:

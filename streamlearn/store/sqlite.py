@@ -63,6 +63,7 @@ FaultHook = Callable[[str], None]
 PRUNE_PER_ROW = 2
 PRUNE_EXTRA = 4
 WAL_BACKSTOP_PAGES = 8192  # 32 MiB of 4 KiB pages: the agent's own commit checkpoints from here
+WAL_RESTART_WAIT_S = 1.0  # a writer that may wait waits at most this for the WAL to start over (WalCheckpointer)
 
 
 class Store(Protocol):
@@ -190,7 +191,7 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             self._release_lock()
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
-        self._tx_lock = threading.Lock()  # held from begin() to commit()/rollback(); see WalCheckpointer
+        self._tx_lock = WriterLock()  # held from begin() to commit()/rollback(); see WalCheckpointer
         self._holding_tx_lock = False
         self.writer_busy = 0  # begin(wait=False) found the WAL thread's last copy under way
         self._wal_checkpointer = WalCheckpointer(self.path, self._tx_lock)
@@ -289,6 +290,9 @@ class SQLiteStore:
         """
         if self._in_batch:
             raise StoreError(f"{self.path}: a transaction is already open")
+        if wait and not self._wal_checkpointer.wait_restart(WAL_RESTART_WAIT_S):
+            logger.info("the WAL of %s was not started over within %.0f s (a reader holds it?); writing on",
+                        self.path, WAL_RESTART_WAIT_S)
         if not self._tx_lock.acquire(blocking=wait):
             self.writer_busy += 1
             return False
@@ -703,6 +707,51 @@ class SQLiteStore:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
+class WriterLock:
+    """The lock the store's writer holds for each transaction, which the WAL thread's last copy
+    takes ahead of the writer's next turn.
+
+    A plain ``threading.Lock`` is not fair: a writer committing back to back (a checkpoint of
+    many models written in one go) released it and took it again before the waiting WAL thread
+    ran, so the WAL was not started over until the burst ended (39 MB for a 48 MB burst, where
+    ``HARD_BYTES`` is 16 MB). While the WAL thread waits for it (``acquire_first``), the
+    writer's ``acquire`` waits for the WAL thread's turn, or with ``blocking=False`` gives up at
+    once (the agent stages its rows later: ``SQLiteStore.begin(wait=False)``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turn = threading.Condition(threading.Lock())
+        self._wanted = 0  # acquire_first calls waiting for the lock
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """The writer's turn (after the WAL thread's, when it waits for one)."""
+        if self._wanted:
+            if not blocking:
+                return False
+            with self._turn:
+                # (bounded: acquire_first gives up after its own timeout and says so here)
+                self._turn.wait_for(lambda: not self._wanted, timeout if timeout >= 0 else None)
+        return self._lock.acquire(blocking, timeout)
+
+    def acquire_first(self, timeout: float) -> bool:
+        """The WAL thread's turn, before any writer that asks after this call."""
+        with self._turn:
+            self._wanted += 1
+        try:
+            return self._lock.acquire(timeout=timeout)
+        finally:
+            with self._turn:
+                self._wanted -= 1
+                self._turn.notify_all()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
 class WalCheckpointer:
     """Copies the WAL into the main database file from a thread of its own.
 
@@ -713,7 +762,8 @@ class WalCheckpointer:
     of it, and under a steady stream of commits a concurrent checkpoint rarely ends
     with nothing left. So once the WAL holds ``restart_bytes``, the thread copies
     the bulk first, then takes ``tx_lock`` (the store holds it from BEGIN to
-    COMMIT), so that no transaction starts meanwhile, copies the last few frames (at
+    COMMIT; the WAL thread's turn comes before the writer's next: :class:`WriterLock`),
+    so that no transaction starts meanwhile, copies the last few frames (at
     most about ``FINAL_BYTES_MAX``) and truncates the file; the agent does not
     wait for it (``SQLiteStore.begin(wait=False)``: it stages what it took
     meanwhile afterwards).
@@ -742,7 +792,7 @@ class WalCheckpointer:
     FINAL_BYTES_MAX = 64 << 10  # at most about this much is left for the copy the agent may wait for
     HARD_BYTES = 16 << 20  # beyond this the WAL is started over even if the agent has to wait longer
 
-    def __init__(self, path: Path, tx_lock: threading.Lock, interval: float = 1.0,
+    def __init__(self, path: Path, tx_lock: WriterLock, interval: float = 1.0,
                  restart_bytes: int = 4 << 20, wake_bytes: int = 1 << 20, truncate_bytes: int = 4 << 20) -> None:
         self.path = path
         self.wal_path = path.with_name(path.name + "-wal")
@@ -754,6 +804,8 @@ class WalCheckpointer:
         self.wake_bytes = wake_bytes
         self._written = 0
         self._since_copy = 0  # written since the last checkpoint began
+        self._wait_from = self.HARD_BYTES  # a writer waits for the WAL to start over past this file size
+        self._restarted = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="streamlearn-wal", daemon=True)
@@ -813,7 +865,7 @@ class WalCheckpointer:
 
     def _final_copy(self, conn: sqlite3.Connection) -> None:
         """Copy what the agent wrote since, with no transaction of its under way."""
-        if not self.tx_lock.acquire(timeout=1.0):
+        if not self.tx_lock.acquire_first(timeout=1.0):
             return
         try:
             # TRUNCATE: with no writer, copy the rest and start the WAL over now (an agent that has
@@ -821,6 +873,8 @@ class WalCheckpointer:
             # busy_timeout for readers, and if one stays, the next write starts it over instead
             busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if not busy and frames == 0:
+                self._wait_from = self.HARD_BYTES
+                self._restarted.set()
                 # the first commit into a WAL started over writes its header and syncs it (0.19 ms
                 # against 0.02 for the next, on an idle disk in a one-off check); make it this
                 # thread's, still holding the writer off, so that the agent's next COMMIT appends
@@ -840,6 +894,25 @@ class WalCheckpointer:
         if self._written >= self.wake_bytes:
             self._written = 0
             self._wake.set()
+
+    def wait_restart(self, timeout: float) -> bool:
+        """A writer that may wait (``begin(wait=True)``: a checkpoint of every changed model
+        written back to back, at shutdown or after a replay) waits here, once the WAL file has
+        grown to ``HARD_BYTES``, for this thread to copy it and start it over (truncated): its
+        copies ran behind such a writer, a 48 MB burst grew the WAL to 39 MB. False after
+        ``timeout`` (a reader holding old frames, say); then not again for another ``HARD_BYTES``.
+        (A file the writer's own transactions started over in stays large with little in it:
+        the thread's copy is short then, and it cuts the file back.)"""
+        if self._wal_size() < self._wait_from:
+            return True
+        self._restarted.clear()
+        if self._wal_size() < self._wait_from:  # (cut back meanwhile)
+            return True
+        self._wake.set()
+        if self._restarted.wait(timeout):
+            return True
+        self._wait_from = self._wal_size() + self.HARD_BYTES
+        return False
 
     def stop(self) -> None:
         self._stop.set()
