@@ -100,7 +100,7 @@ class MqttConfig(_Section):
     reconnect_max_delay: int = Field(30, ge=1, le=3600)
     topic_prefix: Name = "streamlearn"
     max_queued_publishes: int = Field(10_000, ge=100)
-    network_loop: Literal["thread", "agent"] = "thread"
+    network_loop: Literal["thread", "agent"] = "agent"
 
     @field_validator("protocol", mode="before")
     @classmethod

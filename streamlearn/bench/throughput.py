@@ -18,7 +18,7 @@ and ratios are taken within a repeat):
              committed (checkpoint position = last inbox row), checkpoint durations.
 ``latency``  publish -> reply received at 100, 1,000 and 5,000 msg/s (learning on),
              p50/p99/p99.9; plus one agent run with ``store.synchronous = "normal"`` and one
-             with ``mqtt.network_loop = "agent"``.
+             with ``mqtt.network_loop = "thread"`` (paho's network thread, the default before).
 ``backlog``  100,000 readings queued by the broker for the stopped consumer's
              session; then it starts: time to the last reply, and for the agent the
              time until its inbox holds every reading.
@@ -96,7 +96,7 @@ class Settings:
     scale_devices: tuple[int, ...] = (1, 100, 1_000)
     scale_n: int = 20_000
     profile_n: int = 20_000
-    latency_variant: bool = True  # also the agent with synchronous = "normal", and with network_loop = "agent" (one repeat each)
+    latency_variant: bool = True  # also the agent with synchronous = "normal", and with network_loop = "thread" (one repeat each)
     run_timeout: float = 240.0
 
     @classmethod
@@ -560,7 +560,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     s["agent_startup_s"] = _med(agent_runs, "startup_s")
     lat = results.get("latency", [])
     s["latency"] = {}
-    for kind in ("echo", "agent", "agent_sync_normal", "agent_network_loop"):
+    for kind in ("echo", "agent", "agent_sync_normal", "agent_network_thread"):
         for rate in sorted({r["rate"] for r in lat}):
             runs = [r for r in lat if r["kind"] == kind and r["rate"] == rate]
             if runs:
@@ -693,7 +693,7 @@ def print_report(results: dict[str, Any]) -> None:
     for rate in sorted({int(k.split("@")[1]) for k in s.get("latency", {})}):
         e, a = s["latency"].get(f"echo@{rate}", {}), s["latency"].get(f"agent@{rate}", {})
         v = s["latency"].get(f"agent_sync_normal@{rate}")
-        n = s["latency"].get(f"agent_network_loop@{rate}")
+        n = s["latency"].get(f"agent_network_thread@{rate}")
         table.add_row(f"latency at {rate:,} msg/s p50 / p99 / p99.9 ms",
                       " / ".join(fmt(e.get(k)) for k in ("p50_ms", "p99_ms", "p99_9_ms")),
                       " / ".join(fmt(a.get(k)) for k in ("p50_ms", "p99_ms", "p99_9_ms")),
@@ -701,7 +701,7 @@ def print_report(results: dict[str, Any]) -> None:
                       + ("" if a.get("complete", True) and e.get("complete", True) else "; INCOMPLETE")
                       + ("" if v is None else "; agent with synchronous=normal: "
                          + " / ".join(fmt(v.get(k)) for k in ("p50_ms", "p99_ms", "p99_9_ms")))
-                      + ("" if n is None else "; with network_loop=agent: "
+                      + ("" if n is None else "; with network_loop=thread: "
                          + " / ".join(fmt(n.get(k)) for k in ("p50_ms", "p99_ms", "p99_9_ms"))))
     if "backlog_agent_drain_s" in s or "backlog_echo_drain_s" in s:
         table.add_row(f"backlog of {fmt(results['settings']['backlog_n'])}: drain s (msg/s)",
@@ -754,9 +754,9 @@ def _run_sections(ctx: Context, results: dict[str, Any], sections: tuple[str, ..
             say("latency agent with store.synchronous = normal ...")
             results["latency"] += _guard(results, "latency agent sync=normal", lambda: latency_runs(
                 ctx, "agent", label="agent_sync_normal", synchronous="normal")) or []
-            say("latency agent with mqtt.network_loop = agent ...")
-            results["latency"] += _guard(results, "latency agent network_loop=agent", lambda: latency_runs(
-                ctx, "agent", label="agent_network_loop", **{"mqtt.network_loop": "agent"})) or []
+            say("latency agent with mqtt.network_loop = thread ...")
+            results["latency"] += _guard(results, "latency agent network_loop=thread", lambda: latency_runs(
+                ctx, "agent", label="agent_network_thread", **{"mqtt.network_loop": "thread"})) or []
     if "backlog" in sections:
         results["backlog"] = []
         for rep in range(settings.backlog_repeats):
