@@ -282,15 +282,18 @@ class SQLiteStore:
         and 2 ms more per MB of them here)."""
         return self._tx_checkpoint_bytes
 
-    def begin(self, durable: bool = True, wait: bool = True) -> bool:
+    def begin(self, durable: bool = True, wait: bool = True, restart_wal: bool = False) -> bool:
         """Open the batch transaction (``durable=False``: commit it without an fsync); True.
 
         ``wait=False``: False at once, and no transaction, while the WAL thread's last copy
         holds the writer off (:class:`WalCheckpointer`; 5-15 ms here, longer on a slow disk).
+        ``restart_wal`` (with ``wait``; for a writer committing back to back, never the agent's
+        message path): first let the WAL thread start the WAL over once the file has grown to
+        ``WalCheckpointer.HARD_BYTES`` (``WalCheckpointer.wait_restart``).
         """
         if self._in_batch:
             raise StoreError(f"{self.path}: a transaction is already open")
-        if wait and not self._wal_checkpointer.wait_restart(WAL_RESTART_WAIT_S):
+        if restart_wal and wait and not self._wal_checkpointer.wait_restart(WAL_RESTART_WAIT_S):
             logger.info("the WAL of %s was not started over within %.0f s (a reader holds it?); writing on",
                         self.path, WAL_RESTART_WAIT_S)
         if not self._tx_lock.acquire(blocking=wait):
@@ -547,7 +550,7 @@ class SQLiteStore:
         checkpoint_id = self.next_checkpoint_id()
         own = not self._in_batch
         if own:
-            self.begin(durable=False)
+            self.begin(durable=False, restart_wal=True)  # (back to back: a burst of them grows the WAL)
         try:
             n_bytes = self.write_models(checkpoint_id, slots, started=started, position=position)
             self.finish_checkpoint(checkpoint_id, position, streams, metrics, reason, events,
@@ -896,8 +899,8 @@ class WalCheckpointer:
             self._wake.set()
 
     def wait_restart(self, timeout: float) -> bool:
-        """A writer that may wait (``begin(wait=True)``: a checkpoint of every changed model
-        written back to back, at shutdown or after a replay) waits here, once the WAL file has
+        """A writer committing back to back (``begin(restart_wal=True)``: ``write_checkpoint``'s
+        own transactions) waits here, once the WAL file has
         grown to ``HARD_BYTES``, for this thread to copy it and start it over (truncated): its
         copies ran behind such a writer, a 48 MB burst grew the WAL to 39 MB. False after
         ``timeout`` (a reader holding old frames, say); then not again for another ``HARD_BYTES``.
