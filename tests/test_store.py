@@ -235,8 +235,7 @@ def test_the_wal_threads_turn_comes_before_the_writers_next() -> None:
         if lock.acquire_first(timeout=10.0):
             order.append("wal")
             got.set()
-            time.sleep(0.05)  # its last copy, holding the writer off
-            order.append("wal done")
+            order.append("wal done")  # its last copy, holding the writer off
             lock.release()
 
     t = threading.Thread(target=wal_thread)

@@ -751,9 +751,6 @@ class WriterLock:
     def release(self) -> None:
         self._lock.release()
 
-    def locked(self) -> bool:
-        return self._lock.locked()
-
 
 class WalCheckpointer:
     """Copies the WAL into the main database file from a thread of its own.
